@@ -1,0 +1,1 @@
+"""The `aria` command line: Typer app, Rich rendering, chat REPL, model management."""

@@ -1,0 +1,1 @@
+"""The Aria model in plain PyTorch: config, checkpoints, model, preprocessing, generation."""
