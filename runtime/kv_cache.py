@@ -1,0 +1,48 @@
+"""Static, preallocated key/value cache indexed by absolute position (gpt-fast's shape).
+
+One tensor pair per layer, [batch, kv_heads, max_len, head_dim], allocated once. Writing a
+chunk at positions [start, start + T) overwrites whatever was there, which is what multi-turn
+reuse needs: a new turn re-prefills from the first position where the conversation changed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import TextConfig
+from .errors import InputError
+
+
+class KVCache:
+    def __init__(
+        self,
+        config: TextConfig,
+        max_len: int,
+        batch_size: int = 1,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.max_len = max_len
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+
+    @staticmethod
+    def bytes_needed(config: TextConfig, max_len: int, dtype: torch.dtype, batch_size: int = 1) -> int:
+        """Exact size of a cache of `max_len` positions (the planner budgets with this)."""
+        per_layer = 2 * batch_size * config.num_key_value_heads * max_len * config.head_dim
+        return per_layer * config.num_hidden_layers * torch.empty((), dtype=dtype).element_size()
+
+    def check_room(self, start: int, length: int) -> None:
+        if start + length > self.max_len:
+            raise InputError(
+                f"the conversation needs {start + length} tokens but the context holds {self.max_len}; "
+                "start a new chat (/clear) or raise --max-context"
+            )
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, kvh, T, d] at [start, start+T); return the valid prefix [0, start+T)."""
+        end = start + k.shape[2]
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]

@@ -1,0 +1,64 @@
+"""Next-token selection on the device: greedy, temperature, top-k, top-p, seeded.
+
+No host synchronisation: the result stays a tensor, and random draws use the exponential-race
+trick (argmax of p / Exp(1) samples from p), which needs no cumulative search on the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise UsageError(f"temperature must be >= 0 (got {self.temperature})")
+        if self.top_k < 0:
+            raise UsageError(f"top-k must be >= 0 (got {self.top_k})")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"top-p must be in (0, 1] (got {self.top_p})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu"):
+        self.params = params
+        self.generator = None
+        if not params.greedy:
+            self.generator = torch.Generator(device=device)
+            if params.seed is not None:
+                self.generator.manual_seed(params.seed)
+            else:
+                self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] (float) -> token ids [B] (long)."""
+        p = self.params
+        if p.greedy:
+            return logits.argmax(dim=-1)
+        logits = logits.float() / p.temperature
+        if p.top_k:
+            kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if p.top_p < 1:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= p.top_p
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        race = torch.empty_like(probs).exponential_(1, generator=self.generator)
+        return (probs / race).argmax(dim=-1)
