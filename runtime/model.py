@@ -72,7 +72,7 @@ class AriaForConditionalGeneration(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        cache: KVCache,
+        cache: KVCache | None,
         start: int = 0,
         pixel_values: torch.Tensor | None = None,
         pixel_mask: torch.Tensor | None = None,
@@ -80,6 +80,7 @@ class AriaForConditionalGeneration(nn.Module):
     ) -> torch.Tensor:
         """Run tokens at positions [start, start+T) and return logits (float32).
 
+        With `cache=None` the tokens attend only to each other (training and one-shot scoring).
         Returns [B, T, V] with `all_logits`, else only the last position's [B, V]: the vocabulary
         projection of every prompt token is the single largest waste in a prefill.
         """

@@ -85,7 +85,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: KVCache,
+        cache: KVCache | None,
         layer: int,
         start: int,
     ) -> torch.Tensor:
@@ -94,13 +94,15 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys, values = cache.update(layer, start, k, v)
+        # Without a cache (training, one-shot scoring) the chunk attends to itself only.
+        keys, values = (k, v) if cache is None else cache.update(layer, start, k, v)
         # Query i sits at absolute position start+i and sees keys 0..start+i. A single new token
         # sees the whole valid prefix, so decode needs no mask at all.
         mask = None
         if t > 1:
-            q_pos = torch.arange(start, start + t, device=x.device)[:, None]
-            mask = torch.arange(start + t, device=x.device)[None, :] <= q_pos
+            n_keys = keys.shape[2]
+            q_pos = torch.arange(n_keys - t, n_keys, device=x.device)[:, None]
+            mask = torch.arange(n_keys, device=x.device)[None, :] <= q_pos
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads
         )
@@ -115,7 +117,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache: KVCache, layer: int, start: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -129,9 +131,10 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
 
-    def forward(self, embeds: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, cache: KVCache | None, start: int) -> torch.Tensor:
         t = embeds.shape[1]
-        cache.check_room(start, t)
+        if cache is not None:
+            cache.check_room(start, t)
         positions = torch.arange(start, start + t, device=embeds.device)
         cos, sin = self.rotary(positions, embeds.dtype)
         x = embeds

@@ -74,6 +74,9 @@ def test_prefill_logits_and_greedy_tokens_match_reference(pair, case):
     expected = reference_logits(ref, ids_t, pv, pm)
     assert logits.shape == expected.shape
     assert (logits - expected).abs().max().item() <= ATOL
+    with torch.inference_mode():  # the cache-free path (training, scoring) is the same function
+        uncached = ours(ids_t, None, 0, pv, pm, all_logits=True)
+    assert (uncached - expected).abs().max().item() <= ATOL
 
     session = Session(ours, max_len=len(ids) + N_TOKENS)
     tokens = list(session.generate(ids, pv, pm, max_new_tokens=N_TOKENS))
