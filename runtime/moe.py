@@ -6,11 +6,13 @@ router top-k on the raw logits -> softmax over the k selected logits (fp32, as t
 Routed expert weights are stored grouped as the checkpoints have them, [experts, in, out], so a
 loaded tensor is the mmap'd checkpoint tensor itself (no transpose, no copy). Experts run one
 matmul per used expert over the tokens routed to it (tokens sorted by expert), which serves both
-decode (a handful of tokens) and prefill. `run_expert` is the single place where an expert's
-weights are applied, so quantized and offloaded experts only replace that.
+decode (a handful of tokens) and prefill. `routed_sum` is that dispatch, shared by every expert
+store (float, quantized, offloaded): each only says how to run one expert on some tokens.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +29,48 @@ class GroupedWeight(nn.Module):
         self.weight = nn.Parameter(torch.empty(experts, d_in, d_out), requires_grad=False)
 
 
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """[.., 2I] -> [.., I]: SiLU(first half, the gate) * second half (the up projection)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def routed_sum(
+    x: torch.Tensor,
+    top_idx: torch.Tensor,
+    top_w: torch.Tensor,
+    num_experts: int,
+    run_expert: Callable[[int, torch.Tensor], torch.Tensor],
+    expert_order: Iterable[int] | None = None,
+) -> torch.Tensor:
+    """sum_k w_k * expert_{idx_k}(x) for x [N, H], top_idx/top_w [N, k] -> [N, H].
+
+    Tokens are sorted by expert so each used expert runs once over all its tokens.
+    `expert_order` lets an offloaded store run resident experts first while misses arrive.
+    """
+    k = top_idx.shape[1]
+    flat = top_idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    starts = [0] * num_experts
+    for e in range(1, num_experts):
+        starts[e] = starts[e - 1] + counts[e - 1]
+    token_of = order // k  # which token each sorted (token, choice) pair belongs to
+    weight_of = top_w.reshape(-1)[order]
+    out = torch.zeros_like(x)
+    for expert in expert_order if expert_order is not None else range(num_experts):
+        n = counts[expert]
+        if n == 0:
+            continue
+        rows = slice(starts[expert], starts[expert] + n)
+        y = run_expert(expert, x[token_of[rows]]) * weight_of[rows, None]
+        out.index_add_(0, token_of[rows], y.to(out.dtype))
+    return out
+
+
 class RoutedExperts(nn.Module):
+    """Float experts, grouped [experts, in, out] as stored in the checkpoints."""
+
     def __init__(self, config: TextConfig):
         super().__init__()
         h, i, e = config.hidden_size, config.moe_intermediate_size, config.moe_num_experts
@@ -36,27 +79,10 @@ class RoutedExperts(nn.Module):
         self.fc2 = GroupedWeight(e, i, h)
 
     def run_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = (x @ self.fc1.weight[expert]).chunk(2, dim=-1)
-        return (F.silu(gate) * up) @ self.fc2.weight[expert]
+        return swiglu(x @ self.fc1.weight[expert]) @ self.fc2.weight[expert]
 
     def forward(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
-        """x [N, H]; top_idx/top_w [N, k] -> sum_k w_k * expert_{idx_k}(x)  [N, H]."""
-        k = top_idx.shape[1]
-        flat = top_idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        token_of = order // k  # which token each sorted (token, choice) pair belongs to
-        weight_of = top_w.reshape(-1)[order]
-        out = torch.zeros_like(x)
-        start = 0
-        for expert, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = token_of[start : start + n]
-            y = self.run_expert(expert, x[rows]) * weight_of[start : start + n, None]
-            out.index_add_(0, rows, y.to(out.dtype))
-            start += n
-        return out
+        return routed_sum(x, top_idx, top_w, self.num_experts, self.run_expert)
 
 
 class SharedExperts(nn.Module):
