@@ -1,0 +1,154 @@
+"""Where images come from: a path, an http(s) URL, or bytes (stdin). Every way a picture can be
+unusable ends here as one ImageError line, so preprocessing only ever sees a decoded image.
+
+Checks, in order: the source can be read (exists, is a file, URL reachable, under the byte cap),
+Pillow recognises it, it is not a decompression bomb (Pillow's own MAX_IMAGE_PIXELS rule), it has
+a sane size and aspect ratio, and its pixel data decodes completely (a truncated JPEG fails here,
+not later in the middle of a run). Then EXIF orientation is applied and, for animations, the
+first frame is kept. Colour-mode conversion belongs to image_processing.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import BinaryIO
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+
+DEFAULT_TIMEOUT = 20.0  # seconds for connecting and for each read of a URL
+DEFAULT_MAX_BYTES = 50 * 1024 * 1024  # cap on downloaded / piped image files
+# Beyond this a picture is a line, not an image: the 336-pixel floor of the short side would
+# stretch it past recognition (an 8:1 panorama is the widest grid the tiling knows).
+MAX_ASPECT_RATIO = 50.0
+STDIN_NAME = "-"
+
+
+def load_image(
+    source: str | Path | bytes,
+    *,
+    offline: bool = False,
+    timeout: float = DEFAULT_TIMEOUT,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Image.Image:
+    """Open an image from a path, an http(s) URL, raw bytes, or "-" (standard input).
+
+    `offline` refuses URLs (HF_HUB_OFFLINE / --offline means no network call at all).
+    """
+    if isinstance(source, (bytes, bytearray)):
+        return decode_image(bytes(source), "image from bytes")
+    text = str(source)
+    if text == STDIN_NAME:
+        return decode_image(read_stdin(max_bytes=max_bytes), "image from standard input")
+    if text.lower().startswith(("http://", "https://")):
+        if offline:
+            raise ImageError(f"cannot fetch {text}: offline mode allows no downloads; save the image and pass its path")
+        return decode_image(fetch_url(text, timeout=timeout, max_bytes=max_bytes), text)
+    if "://" in text:
+        raise ImageError(f"cannot open {text}: only http:// and https:// URLs are supported")
+    return open_image_file(Path(text))
+
+
+def open_image_file(path: Path) -> Image.Image:
+    name = str(path)
+    if not path.exists():
+        raise ImageError(f"image {name} does not exist; check the path")
+    if path.is_dir():
+        raise ImageError(f"image {name} is a directory; pass an image file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"cannot read image {name}: {exc.strerror or exc}") from None
+    return decode_image(data, name)
+
+
+def read_stdin(stream: BinaryIO | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    stream = stream if stream is not None else sys.stdin.buffer
+    data = stream.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ImageError(f"image on standard input is larger than {_mb(max_bytes)}; pass a smaller file")
+    if not data:
+        raise ImageError("standard input is empty; pipe an image into it (e.g. `cat photo.jpg | aria ask - ...`)")
+    return data
+
+
+def fetch_url(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """Download `url` with a timeout and a byte cap (urllib: no extra dependency)."""
+    request = urllib.request.Request(url, headers={"User-Agent": "aria-cli", "Accept": "image/*,*/*;q=0.5"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > max_bytes:
+                raise ImageError(f"image at {url} is {_mb(int(length))}, over the {_mb(max_bytes)} limit")
+            data = response.read(max_bytes + 1)
+    except urllib.error.HTTPError as exc:
+        raise ImageError(f"cannot fetch {url}: HTTP {exc.code} {exc.reason}; check the URL") from None
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        if isinstance(reason, TimeoutError):
+            raise ImageError(f"cannot fetch {url}: no answer within {timeout:g} s; check your connection") from None
+        raise ImageError(f"cannot fetch {url}: {_reason(reason)}; check the URL and your connection") from None
+    except TimeoutError:
+        raise ImageError(f"cannot fetch {url}: no answer within {timeout:g} s; check your connection") from None
+    except (OSError, ValueError) as exc:  # connection reset mid-body, malformed URL, ...
+        raise ImageError(f"cannot fetch {url}: {_reason(exc)}; check the URL and your connection") from None
+    if len(data) > max_bytes:
+        raise ImageError(f"image at {url} is over the {_mb(max_bytes)} limit")
+    return data
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """Decode image file bytes completely, validate them, apply EXIF orientation."""
+    if not data:
+        raise ImageError(f"image {name} is empty (0 bytes)")
+    # Pillow's decoders raise many exception types on hostile or damaged input (OSError,
+    # SyntaxError, ValueError, struct.error, EOFError, ...). Anything raised while parsing
+    # untrusted bytes is a bad image, not a bug of ours, so all of it becomes one ImageError.
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise ImageError(
+            f"image {name} has too many pixels (over Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS:,}); "
+            "it may be a decompression bomb — downscale it first"
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name} is not an image file Pillow can read (is it a text or other file?)") from None
+    except Exception as exc:  # noqa: BLE001 - see above
+        raise ImageError(f"image {name} is damaged: {_reason(exc)}") from None
+    check_image_size(image.width, image.height, name)
+    try:
+        image.seek(0)  # animations: the first frame
+        image.load()
+    except Exception as exc:  # noqa: BLE001 - see above
+        raise ImageError(f"image {name} is truncated or damaged ({_reason(exc)}); re-save or re-download it") from None
+    try:
+        oriented = ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - a broken EXIF block only loses the rotation hint
+        oriented = None
+    return oriented if oriented is not None else image
+
+
+def check_image_size(width: int, height: int, name: str) -> None:
+    """Reject pictures that have no pixels or are so thin that resizing would destroy them."""
+    if width <= 0 or height <= 0:
+        raise ImageError(f"image {name} has zero size ({width}x{height} pixels)")
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageError(
+            f"image {name} is {width}x{height} pixels, an aspect ratio of {ratio:.0f}:1; "
+            f"crop it to at most {MAX_ASPECT_RATIO:.0f}:1"
+        )
+
+
+def _mb(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MB" if n % (1024 * 1024) else f"{n // (1024 * 1024)} MB"
+
+
+def _reason(exc: object) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return text or type(exc).__name__
