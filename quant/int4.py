@@ -1,0 +1,104 @@
+"""int4: group-wise asymmetric 4-bit weights in the tinygemm recipe (torchao's int4 weight-only).
+
+Per group of ``group_size`` consecutive input features of one output row:
+    scale = max((max - min) / 15, 1e-6),  zero = min + 8 * scale      (both stored as bfloat16)
+    q     = clamp(round((w - (zero - 8 * scale)) / scale), 0, 15)
+    w'    = (q - 8) * scale + zero
+The zero point lives in the float domain and need not be representable, which is what the
+tinygemm kernels (`aten._weight_int4pack_mm*`) expect. Stored bytes: 0.5 per weight plus one
+bfloat16 scale and zero per group, 0.53125 B/param at group 128.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from .base import Kernel, PackedSpec, Scheme
+from .nibbles import pack_nibbles, unpack_nibbles
+
+# Group sizes the tinygemm CPU and CUDA kernels are compiled for.
+GROUP_SIZES = (32, 64, 128, 256)
+# The CPU packer handles 16 output rows at a time (the CUDA one 8).
+OUT_MULTIPLE = 16
+MIN_SCALE = 1e-6  # torchao's eps for this recipe; keeps constant groups finite
+
+
+class Int4Scheme(Scheme):
+    name = "int4"
+    suffixes = ("qdata", "scale", "zero")
+
+    def __init__(self, group_size: int = 128):
+        if group_size not in GROUP_SIZES:
+            raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size}")
+        self.group_size = group_size
+
+    def metadata(self) -> dict[str, int | str]:
+        return {"scheme": self.name, "group_size": self.group_size}
+
+    def _shape_problem(self, out_features: int, in_features: int) -> str | None:
+        if in_features % self.group_size:
+            return f"int4 needs in_features divisible by the group size {self.group_size}, got {in_features}"
+        if out_features % OUT_MULTIPLE:
+            return f"int4 kernels need out_features divisible by {OUT_MULTIPLE}, got {out_features}"
+        return None
+
+    def _packed_spec_2d(self, out_features: int, in_features: int) -> PackedSpec:
+        groups = in_features // self.group_size
+        return {
+            "qdata": ((out_features, in_features // 2), torch.uint8),
+            "scale": ((out_features, groups), torch.bfloat16),
+            "zero": ((out_features, groups), torch.bfloat16),
+        }
+
+    def _weight_shape_2d(self, packed: dict[str, Tensor]) -> tuple[int, int]:
+        return packed["qdata"].shape[-2], packed["qdata"].shape[-1] * 2
+
+    def _quantize_2d(self, weight: Tensor) -> dict[str, Tensor]:
+        out_features, in_features = weight.shape
+        groups = weight.view(out_features, -1, self.group_size)
+        lo = groups.amin(dim=-1)
+        hi = groups.amax(dim=-1)
+        exact_scale = ((hi - lo) / 15).clamp(min=MIN_SCALE)
+        scale = exact_scale.to(torch.bfloat16)
+        zero = (lo + 8 * exact_scale).to(torch.bfloat16)
+        # Round against the parameters as stored, so the error bound holds for what is dequantized.
+        lowest = zero.float() - 8 * scale.float()
+        q = ((groups - lowest[..., None]) / scale.float()[..., None]).round_().clamp_(0, 15)
+        return {"qdata": pack_nibbles(q.view(out_features, in_features)), "scale": scale, "zero": zero}
+
+    def _dequantize_2d(self, packed: dict[str, Tensor]) -> Tensor:
+        q = unpack_nibbles(packed["qdata"]).float()
+        out_features, in_features = q.shape
+        groups = q.view(out_features, -1, self.group_size)
+        w = (groups - 8) * packed["scale"].float()[..., None] + packed["zero"].float()[..., None]
+        return w.view(out_features, in_features)
+
+    def _scales_and_zeros(self, packed: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+        # tinygemm wants [n_groups, out, 2] with (scale, zero) innermost.
+        return torch.stack((packed["scale"], packed["zero"]), dim=-1).transpose(0, 1).contiguous().to(dtype)
+
+    def _prepare_cpu(self, packed: dict[str, Tensor], dtype: torch.dtype) -> tuple[dict[str, Tensor], Kernel]:
+        codes = unpack_nibbles(packed["qdata"]).to(torch.int32)
+        # innerKTiles only matters to the CUDA layout; the CPU packer ignores it.
+        weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        tensors = {"weight": weight, "scales_and_zeros": self._scales_and_zeros(packed, dtype)}
+        return tensors, partial(_mm, torch.ops.aten._weight_int4pack_mm_for_cpu, self.group_size)
+
+    def _prepare_cuda(
+        self, packed: dict[str, Tensor], dtype: torch.dtype
+    ) -> tuple[dict[str, Tensor], Kernel]:
+        if dtype != torch.bfloat16:
+            raise ValueError("the CUDA int4 kernel computes in bfloat16; prepare with dtype=torch.bfloat16")
+        in_features = packed["qdata"].shape[-1] * 2
+        # Largest tile count the kernel accepts for this width (in_features % (16 * tiles) == 0).
+        inner_k_tiles = next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
+        weight = torch.ops.aten._convert_weight_to_int4pack(packed["qdata"].contiguous(), inner_k_tiles)
+        tensors = {"weight": weight, "scales_and_zeros": self._scales_and_zeros(packed, dtype)}
+        return tensors, partial(_mm, torch.ops.aten._weight_int4pack_mm, self.group_size)
+
+
+def _mm(op, group_size: int, x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
+    return op(x, tensors["weight"], group_size, tensors["scales_and_zeros"])

@@ -1,0 +1,74 @@
+"""int8: per-output-channel symmetric weight-only (torchao's Int8WeightOnlyConfig recipe).
+
+Per output row: scale = max(absmax / 127.5, float32 eps) stored as float32,
+q = clamp(round(w / scale), -128, 127), w' = q * scale. Every weight is within scale/2 of w'
+(absmax maps to 127.5, which rounds to 128 and clamps to 127: still half a step).
+Stored bytes: 1 per weight plus 4 per output row.
+
+The scale is computed in float32 even for bfloat16 weights (torchao computes absmax / 127.5 in
+the weight dtype, i.e. rounds the scale to bfloat16 first); for float32 weights the codes and
+scales are torchao's exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import Kernel, PackedSpec, Scheme
+
+MIN_SCALE = torch.finfo(torch.float32).eps
+# Up to this many activation rows the CUDA gemv-style kernel reads the int8 weight once per
+# output; beyond it a dequantized GEMM on tensor cores wins.
+CUDA_GEMV_MAX_ROWS = 16
+
+
+class Int8Scheme(Scheme):
+    name = "int8"
+    suffixes = ("qdata", "scale")
+
+    def metadata(self) -> dict[str, int | str]:
+        return {"scheme": self.name}
+
+    def _shape_problem(self, out_features: int, in_features: int) -> str | None:
+        return None
+
+    def _packed_spec_2d(self, out_features: int, in_features: int) -> PackedSpec:
+        return {
+            "qdata": ((out_features, in_features), torch.int8),
+            "scale": ((out_features,), torch.float32),
+        }
+
+    def _weight_shape_2d(self, packed: dict[str, Tensor]) -> tuple[int, int]:
+        return tuple(packed["qdata"].shape[-2:])
+
+    def _quantize_2d(self, weight: Tensor) -> dict[str, Tensor]:
+        scale = (weight.abs().amax(dim=-1) / 127.5).clamp(min=MIN_SCALE)
+        # Multiply by the reciprocal as torchao does, so float32 weights give its exact codes.
+        q = (weight * (1.0 / scale)[:, None]).round_().clamp_(-128, 127).to(torch.int8)
+        return {"qdata": q, "scale": scale}
+
+    def _dequantize_2d(self, packed: dict[str, Tensor]) -> Tensor:
+        return packed["qdata"].float() * packed["scale"][:, None]
+
+    def _prepare_cpu(self, packed: dict[str, Tensor], dtype: torch.dtype) -> tuple[dict[str, Tensor], Kernel]:
+        # The kernel wants the scales in the activation dtype.
+        tensors = {"qdata": packed["qdata"].contiguous(), "scale": packed["scale"].to(dtype)}
+        return tensors, _mm_cpu
+
+    def _prepare_cuda(
+        self, packed: dict[str, Tensor], dtype: torch.dtype
+    ) -> tuple[dict[str, Tensor], Kernel]:
+        tensors = {"qdata": packed["qdata"].contiguous(), "scale": packed["scale"].to(dtype)}
+        return tensors, _mm_cuda
+
+
+def _mm_cpu(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
+    return torch.ops.aten._weight_int8pack_mm(x, tensors["qdata"], tensors["scale"])
+
+
+def _mm_cuda(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
+    if x.shape[0] <= CUDA_GEMV_MAX_ROWS:
+        return torch.ops.aten._weight_int8pack_mm(x, tensors["qdata"], tensors["scale"])
+    return F.linear(x, tensors["qdata"].to(x.dtype)) * tensors["scale"]
