@@ -157,6 +157,9 @@ class Layout:
     rules: tuple[tuple[str, str], ...]
     # Readable per-expert namings; the first is the one written.
     expert_splits: tuple[tuple[ExpertSplit, ...], ...] = ()
+    # Transformers-native checkpoints carry an all-zero, never-used vision post-LayerNorm
+    # (pitfall P3) under this prefix; reading drops it, writing adds it back.
+    zero_post_layernorm: str | None = None
 
     @cached_property
     def _compiled(self) -> list[tuple[Template, Template]]:
@@ -210,9 +213,11 @@ LAYOUT_TABLE: dict[str, Layout] = {
         "b", "Aria-sequential_mlp", tuple(_ORIGINAL_RULES),
         (_expert_splits(_SEQUENTIAL_EXPERTS), _expert_splits(_SEQUENTIAL_EXPERTS_ALT)),
     ),
-    "c1": Layout("c1", "hub main", tuple(_HUB_RULES)),
-    "c2": Layout("c2", "transformers-saved", tuple(_TRANSFORMERS_RULES)),
-    "c3": Layout("c3", "transformers v5", tuple(_V5_EXPERT_RULES + _TRANSFORMERS_RULES)),
+    "c1": Layout("c1", "hub main", tuple(_HUB_RULES), zero_post_layernorm="vision_tower.post_layernorm"),
+    "c2": Layout("c2", "transformers-saved", tuple(_TRANSFORMERS_RULES),
+                 zero_post_layernorm="model.vision_tower.post_layernorm"),
+    "c3": Layout("c3", "transformers v5", tuple(_V5_EXPERT_RULES + _TRANSFORMERS_RULES),
+                 zero_post_layernorm="model.vision_tower.post_layernorm"),
 }
 
 

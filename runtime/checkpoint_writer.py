@@ -6,7 +6,8 @@ the way they read the real thing:
   `moe_intermediate_size` next to a stale, different `intermediate_size` (pitfall P1), vision
   `aria_vision_model` with every key spelled out (its class defaults are not Aria's);
 - layouts c1, c2, c3 (transformers-native): text `aria_text` with `intermediate_size` = expert
-  width and `rope_parameters`, vision `idefics3_vision`.
+  width and `rope_parameters`, vision `idefics3_vision`; the weights include the all-zero vision
+  `post_layernorm` these checkpoints carry.
 `runtime.config.load_config` reads either back to the same AriaConfig (flavour aside).
 """
 
@@ -133,11 +134,10 @@ def layout_tensors(
         for part, weights in zip(split.parts, split.split(tensor)):
             for e, weight in enumerate(weights):
                 yield part.format(L=layer, e=e), weight
-    if layout == "c1":
-        # The hub checkpoint carries a never-used, all-zero post-LayerNorm (pitfall P3).
+    if spec.zero_post_layernorm:
         zeros = torch.zeros(config.vision.hidden_size, dtype=post_ln_dtype or torch.float32)
-        yield "vision_tower.post_layernorm.weight", zeros
-        yield "vision_tower.post_layernorm.bias", zeros.clone()
+        yield f"{spec.zero_post_layernorm}.weight", zeros
+        yield f"{spec.zero_post_layernorm}.bias", zeros.clone()
 
 
 def write_checkpoint(

@@ -65,10 +65,9 @@ def tiny_config(**overrides) -> AriaConfig:
 
 def random_state_dict(config: AriaConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random canonical weights from the runtime model itself (so names and shapes are its own)."""
-    from .model import AriaForConditionalGeneration, init_random_weights  # lazy: tiny_config() needs no model
+    from .model import build_model, init_random_weights  # lazy: tiny_config() needs no model
 
-    model = AriaForConditionalGeneration(config)
-    init_random_weights(model, seed)
+    model = init_random_weights(build_model(config, device="cpu"), seed)
     return model.state_dict()
 
 
