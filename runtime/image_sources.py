@@ -117,7 +117,9 @@ def decode_image(data: bytes, name: str) -> Image.Image:
             "it may be a decompression bomb — downscale it first"
         ) from None
     except UnidentifiedImageError:
-        raise ImageError(f"{name} is not an image file Pillow can read (is it a text or other file?)") from None
+        if _looks_like_text(data):
+            raise ImageError(f"{name} is a text file, not an image") from None
+        raise ImageError(f"{name} is not an image Pillow can read (unknown, unsupported or damaged format)") from None
     except Exception as exc:  # noqa: BLE001 - see above
         raise ImageError(f"image {name} is damaged: {_reason(exc)}") from None
     check_image_size(image.width, image.height, name)
@@ -143,6 +145,17 @@ def check_image_size(width: int, height: int, name: str) -> None:
             f"image {name} is {width}x{height} pixels, an aspect ratio of {ratio:.0f}:1; "
             f"crop it to at most {MAX_ASPECT_RATIO:.0f}:1"
         )
+
+
+def _looks_like_text(data: bytes) -> bool:
+    head = data[:4096]
+    if b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start > len(head) - 4  # only a character cut at the 4096-byte edge
+    return True
 
 
 def _mb(n: int) -> str:
