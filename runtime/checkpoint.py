@@ -104,23 +104,11 @@ class Checkpoint:
                 return view
             result = view.to(device=device, dtype=dtype)
         else:
-            result = self._join_experts(entry, dtype).to(device)
+            per_part = [[file.get(key) for _, (file, key) in sorted(part.items())] for part in entry.parts]
+            result = entry.split.join(per_part, dtype).to(device)
         if release_source:
             self.release(name)
         return result
-
-    def _join_experts(self, entry: _Entry, dtype: torch.dtype) -> torch.Tensor:
-        # Filled in place, expert by expert, so the only allocation is the result itself.
-        out = torch.empty(entry.shape, dtype=dtype)
-        offset = 0
-        for part in entry.parts:
-            width = 0
-            for e, (file, key) in part.items():
-                weight = file.get(key)  # [out_p, in]
-                width = weight.shape[0]
-                out[e, :, offset: offset + width].copy_(weight.t())
-            offset += width
-        return out
 
     def release(self, name: str) -> None:
         """Drop the file pages behind `name` from memory (they are re-read if used again)."""

@@ -132,10 +132,20 @@ class ExpertSplit:
     canonical: Template  # e.g. ...mlp.experts.fc1.weight, holes {L}
     parts: tuple[Template, ...]  # e.g. (...experts.{e}.gate_proj.weight, ...up_proj...), holes {L}, {e}
 
-    def join(self, per_part: list[list[torch.Tensor]]) -> torch.Tensor:
-        """per_part[p][e] is linear weight [out_p, in] -> grouped [E, in, sum(out_p)]."""
-        experts = zip(*per_part)
-        return torch.stack([torch.cat([w.t() for w in ws], dim=1) for ws in experts])
+    def join(self, per_part: list[list[torch.Tensor]], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """per_part[p][e] is a linear weight [out_p, in] -> grouped [E, in, sum(out_p)] as `dtype`.
+
+        Filled expert by expert, so the result is the only allocation (no stack/cat copies).
+        """
+        widths = [weights[0].shape[0] for weights in per_part]
+        first = per_part[0][0]
+        out = torch.empty(len(per_part[0]), first.shape[1], sum(widths), dtype=dtype or first.dtype)
+        offset = 0
+        for weights, width in zip(per_part, widths):
+            for e, weight in enumerate(weights):
+                out[e, :, offset: offset + width].copy_(weight.t())
+            offset += width
+        return out
 
     def split(self, grouped: torch.Tensor) -> list[list[torch.Tensor]]:
         """Inverse of join: grouped [E, in, out] -> per_part[p][e] of [out / len(parts), in]."""

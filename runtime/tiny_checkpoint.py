@@ -78,7 +78,9 @@ def write_tiny_checkpoint(
     config: AriaConfig | None = None,
     max_shard_bytes: int | None = None,
     dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a random tiny Aria (config.json, generation_config.json, weights) to `out_dir`."""
     config = config or tiny_config()
-    return write_checkpoint(out_dir, random_state_dict(config, seed), config, layout, max_shard_bytes, dtype)
+    return write_checkpoint(out_dir, random_state_dict(config, seed), config, layout, max_shard_bytes, dtype,
+                            overwrite=overwrite)

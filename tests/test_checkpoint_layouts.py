@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -17,8 +18,11 @@ from safetensors.torch import load_file, save_file
 
 from runtime.checkpoint import open_checkpoint
 from runtime.checkpoint_layouts import LAYOUTS, detect_layout, get_layout
-from runtime.checkpoint_writer import write_checkpoint
+from runtime.checkpoint_writer import layout_tensors, write_checkpoint
+from runtime.config import AriaConfig
 from runtime.errors import CheckpointError
+from runtime.known_configs import aria_config_dict
+from runtime.model import build_model
 from runtime.safetensors_io import INDEX_FILE, SINGLE_FILE
 from runtime.tiny_checkpoint import tiny_config
 
@@ -210,3 +214,31 @@ def test_rename_table_is_a_bijection_on_canonical_names(canonical):
         assert [spec.to_canonical(k) for k in stored] == list(canonical)
     with pytest.raises(ValueError, match="unknown checkpoint layout"):
         get_layout("d")
+
+
+@pytest.mark.parametrize("layout, total", [("a", 25_307_308_912), ("b", 25_307_308_912), ("c1", 25_307_311_216),
+                                           ("c2", 25_307_311_216), ("c3", 25_307_311_216)])
+def test_real_aria_key_audit(layout, total):
+    # The real model's names on the meta device, renamed into each layout: parameter totals and
+    # shapes are the published ones (ARIA_SPEC §1.5, §3.1, §3.2), and every key reads back.
+    config = AriaConfig.from_dict(aria_config_dict())
+    names = build_model(config).state_dict()
+    stored = {k: tuple(t.shape) for k, t in layout_tensors(names.items(), config, layout)}
+    assert sum(math.prod(s) for s in stored.values()) == total
+    assert detect_layout(list(stored)) == layout
+    spec = get_layout(layout)
+    if layout == "b":
+        per_expert = [k for k in stored if ".experts.experts." in k]
+        assert len(per_expert) == 28 * 64 * 3
+        assert stored["language_model.model.layers.27.mlp.experts.experts.63.gate_proj.weight"] == (1664, 2560)
+        assert stored["language_model.model.layers.0.mlp.experts.experts.0.down_proj.weight"] == (2560, 1664)
+    else:
+        fc1 = spec.from_canonical("language_model.model.layers.27.mlp.experts.fc1.weight")
+        assert stored[fc1] == (64, 2560, 3328)
+    back = set()
+    for key in stored:
+        part = spec.expert_part(key)
+        name = part[1] if part else spec.to_canonical(key)
+        if name is not None:
+            back.add(name)
+    assert back == set(names)
