@@ -14,7 +14,7 @@ from __future__ import annotations
 import codecs
 from collections.abc import Iterable
 
-from .tokenizer import Tokenizer
+from .tokenizer import UTF8_ERRORS, Tokenizer
 
 
 class StreamDecoder:
@@ -29,7 +29,7 @@ class StreamDecoder:
         self._tokenizer = tokenizer
         self._stop_strings = tuple(s for s in stop_strings if s)
         self._stop_ids = frozenset(tokenizer.stop_ids if stop_ids is None else stop_ids)
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors=UTF8_ERRORS)
         self._first = True
         self._pending = ""  # decoded but held back (might start a stop string)
         self.text = ""  # everything emitted so far
@@ -45,6 +45,8 @@ class StreamDecoder:
         if token_id in self._stop_ids:
             self.stopped, self.stop_reason, self.stop_token = True, "stop_id", token_id
             return self._flush()
+        if self._tokenizer.ends_byte_run(token_id):
+            self._pending += self._utf8.decode(b"", final=True)
         piece = self._tokenizer.piece_bytes(token_id, first=self._first)
         self._first = self._first and token_id == self._tokenizer.unk_id
         self._pending += self._utf8.decode(piece)

@@ -9,8 +9,9 @@ legacy true, add_prefix_space true), and therefore what this class does (ARIA_SP
   literal "<unk>" in the text is the registered special token, so it becomes the unk id.
 - decode = SentencePiece decode with the unk id skipped (`skip_special_tokens=True`, as every
   official example decodes) and the "▁" of the first piece removed (the slow Llama tokenizer
-  strips it "since we manually add the prefix space"). User-defined pieces such as `<|im_end|>`
-  are NOT special for HF and decode to their text.
+  strips it "since we manually add the prefix space"; for a first piece of several "▁" HF's
+  trimmed string is no longer a piece and SentencePiece prints it raw, we print the spaces).
+  User-defined pieces such as `<|im_end|>` are NOT special for HF and decode to their text.
 
 Where transformers 5 differs: it builds a `tokenizers` (fast) LlamaTokenizer from a bare
 tokenizer.model, whose Metaspace pre-tokenizer (prepend_scheme "always" when add_prefix_space
@@ -25,6 +26,7 @@ never read: every id we produce is below the model's piece count.
 
 from __future__ import annotations
 
+import codecs
 from functools import lru_cache
 from pathlib import Path
 
@@ -40,6 +42,11 @@ CHAT_PIECES = (IM_START, IM_END, IMAGE_TOKEN, FIM_PREFIX, FIM_SUFFIX)
 UNK_TEXT = "<unk>"  # the only HF special token of the slow tokenizer that is matched in text
 
 TOKENIZER_FILE = "tokenizer.model"
+
+# SentencePiece shows every byte of a malformed UTF-8 sequence as its own U+FFFD; Python's
+# "replace" uses one per maximal invalid run. This handler makes our decode match SentencePiece.
+UTF8_ERRORS = "aria-replace-per-byte"
+codecs.register_error(UTF8_ERRORS, lambda err: ("\ufffd" * (err.end - err.start), err.end))
 
 
 class Tokenizer:
@@ -140,13 +147,22 @@ class Tokenizer:
             piece = piece[1:]
         return piece.replace("▁", " ").encode("utf-8")
 
+    def ends_byte_run(self, token_id: int) -> bool:
+        """Control pieces (<s>, </s>) show nothing but, as in SentencePiece, end a run of byte
+        pieces: bytes before and after them are not joined into one character."""
+        return self._sp.is_control(token_id)
+
     def decode(self, ids) -> str:
         """Text of `ids` the way the official code decodes an answer (skip_special_tokens=True)."""
-        out = bytearray()
+        text, run = [], bytearray()
         first = True
         for token_id in ids:
             token_id = int(token_id)
-            out += self.piece_bytes(token_id, first=first)
+            if self.ends_byte_run(token_id):
+                text.append(run.decode("utf-8", errors=UTF8_ERRORS))
+                run = bytearray()
+            run += self.piece_bytes(token_id, first=first)
             # Only the skipped unk leaves the "first piece" slot open (HF skips it before stripping).
             first = first and token_id == self.unk_id
-        return out.decode("utf-8", errors="replace")
+        text.append(run.decode("utf-8", errors=UTF8_ERRORS))
+        return "".join(text)

@@ -6,14 +6,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers.models.aria.image_processing_pil_aria import AriaImageProcessorPil
 
 from runtime.errors import ImageError, UsageError
 from runtime.image_processing import preprocess_images, to_rgb
 from runtime.image_sources import load_image
-
-AriaImageProcessorPil = pytest.importorskip(
-    "transformers.models.aria.image_processing_pil_aria"
-).AriaImageProcessorPil
 
 
 @pytest.fixture(scope="module")
