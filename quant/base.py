@@ -227,4 +227,4 @@ class Scheme(ABC):
 
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v}" for k, v in self.metadata().items() if k != "scheme")
-        return f"{type(self).__name__}({options})"
+        return f"{self.name}({options})"

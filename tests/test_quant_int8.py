@@ -1,0 +1,77 @@
+"""int8 per-channel symmetric: error bound from the scheme, and torchao's Int8WeightOnlyConfig as reference."""
+
+import torch
+from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+from quant import get_scheme
+
+SCHEME = get_scheme("int8")
+
+
+def weight(seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(96, 320, generator=g) * (torch.rand(96, 1, generator=g) * 10 + 1e-3)
+    w[5] = 0.0  # a zero row keeps a tiny positive scale and decodes to zeros
+    w[6, 3] = -50.0  # a negative absmax is -127.5 steps: rounds (half to even) to -128
+    return w.to(dtype)
+
+
+def half_step_bound(packed):
+    # Half a step, plus float32 rounding: the stored scale is within 2^-24 (relative) of
+    # absmax / 127.5 and the product q * scale adds another 2^-24, on values up to 128 steps.
+    scale = packed["scale"][:, None]
+    return scale / 2 + 3 * 128 * 2.0**-24 * scale
+
+
+def test_round_trip_error_is_at_most_half_a_step():
+    w = weight()
+    packed = SCHEME.quantize(w)
+    err = (SCHEME.dequantize(packed) - w).abs()
+    # w / scale lies in [-127.5, 127.5]; rounding moves it at most 1/2, and the one clamp
+    # (127.5 -> 128 -> 127) also leaves it 1/2 away.
+    assert (err <= half_step_bound(packed)).all()
+    assert packed["qdata"][6, 3] == -128
+    assert (SCHEME.dequantize(packed)[5] == 0).all()
+
+
+def test_scale_is_absmax_over_127_5_by_hand():
+    w = weight(1)
+    packed = SCHEME.quantize(w)
+    expected = (w.abs().amax(-1) / 127.5).clamp(min=torch.finfo(torch.float32).eps)
+    assert torch.equal(packed["scale"], expected)
+    assert packed["scale"][5] == torch.finfo(torch.float32).eps
+
+
+def torchao_int8(w):
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    quantize_(linear, Int8WeightOnlyConfig(set_inductor_config=False))
+    return linear
+
+
+def test_float32_weights_give_torchaos_exact_codes_and_scales():
+    w = weight(2)
+    packed = SCHEME.quantize(w)
+    reference = torchao_int8(w).weight
+    assert torch.equal(packed["qdata"], reference.qdata)
+    assert torch.equal(packed["scale"], reference.scale.view(-1))
+
+
+def test_bfloat16_weights_keep_a_float32_scale_that_torchao_rounds():
+    w = weight(3, torch.bfloat16)
+    packed = SCHEME.quantize(w)
+    reference = torchao_int8(w).weight
+    # torchao divides in bfloat16; ours is the same quotient before that rounding.
+    assert torch.equal(packed["scale"].bfloat16().float(), reference.scale.view(-1))
+    err = (SCHEME.dequantize(packed) - w.float()).abs()
+    assert (err <= half_step_bound(packed)).all()
+
+
+def test_linear_output_agrees_with_torchao_int8_linear():
+    w = weight(4)
+    x = torch.randn(3, 320, generator=torch.Generator().manual_seed(5))
+    ours = SCHEME.matmul(x, SCHEME.prepare(SCHEME.quantize(w), "cpu", torch.float32))
+    theirs = torchao_int8(w)(x)
+    mag = x.abs() @ SCHEME.dequantize(SCHEME.quantize(w)).abs().T
+    assert ((ours - theirs).abs() <= 2 * 320 * 2.0**-24 * mag).all()

@@ -1,0 +1,260 @@
+"""Properties every quantization scheme must have, checked on random matrices.
+
+References: safetensors files (bit-exact round trips), hand-computed byte counts, and plain
+float64 matmuls of the dequantized weight with rounding bounds derived from the dtypes.
+"""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from quant import get_scheme, scheme_from_metadata, scheme_names, slice_packed
+
+SCHEMES = ("int4", "int8", "nf4")
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def random_weight(*shape, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    # Rows of different magnitudes so per-row/per-group parameters actually differ.
+    rows = torch.rand(*shape[:-1], 1, generator=g) * 2 + 0.01
+    return (torch.randn(*shape, generator=g) * rows).to(dtype)
+
+
+def matmul_bound(x, w, ref, dtype):
+    """Largest |kernel - float64 reference| allowed, elementwise.
+
+    ``x`` is already rounded to ``dtype``. Accumulating K products in float32 costs at most
+    K * 2^-24 * sum|x||w|. A lower-precision compute dtype may also round each weight (and nf4's
+    absmax) once, 2u * sum|x||w|, and rounds the output, u * |ref|.
+    """
+    k = x.shape[-1]
+    mag = x.double().abs() @ w.double().abs().T
+    bound = k * 2.0**-24 * mag
+    if dtype != torch.float32:
+        u = UNIT_ROUNDOFF[dtype]
+        bound = bound + 2 * u * mag + u * ref.abs()
+    return bound + 1e-30
+
+
+def test_registry_lists_the_three_schemes_and_defaults_int4():
+    assert scheme_names() == ("int4", "int8", "nf4")
+    from quant import DEFAULT_SCHEME
+
+    assert DEFAULT_SCHEME == "int4"
+    assert get_scheme("int4").group_size == 128
+
+
+def test_unknown_scheme_and_bad_options_are_value_errors():
+    with pytest.raises(ValueError, match="unknown quantization scheme 'int3'"):
+        get_scheme("int3")
+    with pytest.raises(ValueError, match="does not take options"):
+        get_scheme("int8", group_size=128)
+    with pytest.raises(ValueError, match="group size must be one of"):
+        get_scheme("int4", group_size=100)
+    with pytest.raises(ValueError, match="block size 64 only"):
+        get_scheme("nf4", block_size=128)
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"scheme": "int4", "group_size": 128},
+        {"scheme": "int4", "group_size": 64},
+        {"scheme": "int8"},
+        {"scheme": "nf4", "block_size": 64},
+    ],
+)
+def test_metadata_round_trips_through_the_registry(metadata):
+    scheme = scheme_from_metadata(metadata)
+    assert scheme.metadata() == metadata
+    assert scheme_from_metadata(scheme.metadata()).metadata() == metadata
+
+
+def test_metadata_without_scheme_is_refused():
+    with pytest.raises(ValueError, match="no 'scheme' key"):
+        scheme_from_metadata({"group_size": 128})
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_packed_form_survives_safetensors_bit_exactly(name, tmp_path):
+    scheme = get_scheme(name)
+    packed = scheme.quantize(random_weight(3, 64, 256, dtype=torch.bfloat16))
+    path = tmp_path / "w.safetensors"
+    save_file({f"experts.fc1.{suffix}": t for suffix, t in packed.items()}, str(path))
+    loaded = load_file(str(path))
+    assert set(loaded) == {f"experts.fc1.{suffix}" for suffix in packed}
+    for suffix, tensor in packed.items():
+        back = loaded[f"experts.fc1.{suffix}"]
+        assert back.dtype == tensor.dtype and back.shape == tensor.shape
+        # Compare raw bytes: equal() would treat -0.0 == 0.0 for float tensors.
+        assert torch.equal(back.view(torch.uint8), tensor.view(torch.uint8))
+    assert torch.equal(scheme.dequantize({s: loaded[f"experts.fc1.{s}"] for s in packed}), scheme.dequantize(packed))
+
+
+# Bytes per weight by hand: 4-bit codes plus bf16 scale+zero per 128 (int4); int8 codes plus a
+# float32 scale per row; 4-bit codes plus a float32 absmax per 64 (nf4).
+@pytest.mark.parametrize(
+    ("name", "out_features", "in_features", "expected"),
+    [
+        ("int4", 3328, 2560, 3328 * 2560 // 2 + 3328 * (2560 // 128) * 2 * 2),
+        ("int4", 2560, 1664, 2560 * 1664 // 2 + 2560 * (1664 // 128) * 2 * 2),
+        ("int8", 3328, 2560, 3328 * 2560 + 3328 * 4),
+        ("nf4", 3328, 2560, 3328 * 2560 // 2 + 3328 * (2560 // 64) * 4),
+    ],
+)
+def test_packed_nbytes_matches_hand_count(name, out_features, in_features, expected):
+    scheme = get_scheme(name)
+    assert scheme.packed_nbytes((out_features, in_features)) == expected
+    assert scheme.packed_nbytes((64, out_features, in_features)) == 64 * expected
+
+
+def test_int4_bytes_per_param_is_0_53125_at_group_128():
+    assert get_scheme("int4").packed_nbytes((2560, 2560)) / (2560 * 2560) == 0.53125
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_packed_spec_describes_quantize_output(name):
+    scheme = get_scheme(name)
+    packed = scheme.quantize(random_weight(2, 32, 256))
+    spec = scheme.packed_spec((2, 32, 256))
+    assert {s: (tuple(t.shape), t.dtype) for s, t in packed.items()} == spec
+    assert scheme.packed_nbytes((2, 32, 256)) == sum(t.numel() * t.element_size() for t in packed.values())
+    assert scheme.weight_shape(packed) == (2, 32, 256)
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_batched_quantize_equals_quantizing_each_expert(name):
+    scheme = get_scheme(name)
+    weight = random_weight(3, 64, 256, seed=1)
+    grouped = scheme.quantize(weight)
+    for e in range(3):
+        one = scheme.quantize(weight[e])
+        expert = slice_packed(grouped, e)
+        assert all(torch.equal(expert[s], one[s]) for s in one)
+    assert torch.equal(scheme.dequantize(grouped)[1], scheme.dequantize(slice_packed(grouped, 1)))
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_matmul_equals_dequantize_then_matmul(name, dtype):
+    scheme = get_scheme(name)
+    packed = scheme.quantize(random_weight(96, 512, seed=2))
+    weight = scheme.dequantize(packed)
+    prepared = scheme.prepare(packed, "cpu", dtype)
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(3))
+    y = scheme.matmul(x, prepared)
+    assert y.dtype == torch.float32 and y.shape == (5, 96)
+    x_rounded = x.to(dtype)
+    ref = x_rounded.double() @ weight.double().T
+    assert ((y.double() - ref).abs() <= matmul_bound(x_rounded, weight, ref, dtype)).all()
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_matmul_keeps_leading_dims_and_input_dtype(name):
+    scheme = get_scheme(name)
+    packed = scheme.quantize(random_weight(64, 256, seed=4))
+    prepared = scheme.prepare(packed, "cpu")
+    x = torch.randn(2, 3, 256).bfloat16()
+    y = scheme.matmul(x, prepared)
+    assert y.shape == (2, 3, 64) and y.dtype == torch.bfloat16
+    assert torch.equal(y[1, 2], scheme.matmul(x[1, 2:3], prepared)[0])
+    assert scheme.matmul(torch.randn(0, 256), prepared).shape == (0, 64)
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_one_expert_slice_prepares_and_multiplies_like_its_own_weight(name):
+    scheme = get_scheme(name)
+    weight = random_weight(4, 64, 256, seed=5)
+    grouped = scheme.quantize(weight)
+    x = torch.randn(3, 256)
+    from_slice = scheme.matmul(x, scheme.prepare(slice_packed(grouped, 2), "cpu", torch.float32))
+    from_own = scheme.matmul(x, scheme.prepare(scheme.quantize(weight[2]), "cpu", torch.float32))
+    assert torch.equal(from_slice, from_own)
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_prepare_refuses_a_batch_and_matmul_checks_inputs(name):
+    scheme = get_scheme(name)
+    grouped = scheme.quantize(random_weight(2, 64, 256))
+    with pytest.raises(ValueError, match="slice_packed"):
+        scheme.prepare(grouped, "cpu")
+    prepared = scheme.prepare(slice_packed(grouped, 0), "cpu")
+    with pytest.raises(ValueError, match="input has 128 features but the weight expects 256"):
+        scheme.matmul(torch.randn(1, 128), prepared)
+    other = next(get_scheme(n) for n in SCHEMES if n != name)
+    with pytest.raises(ValueError, match=f"prepared for {name}"):
+        other.matmul(torch.randn(1, 256), prepared)
+    with pytest.raises(ValueError, match="compute dtype"):
+        scheme.prepare(slice_packed(grouped, 0), "cpu", torch.float64)
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_mismatched_packed_tensors_are_named(name):
+    scheme = get_scheme(name)
+    packed = scheme.quantize(random_weight(64, 256))
+    with pytest.raises(ValueError, match="needs tensors"):
+        scheme.dequantize({k: v for k, v in packed.items() if k != "qdata"})
+    second = scheme.suffixes[1]
+    with pytest.raises(ValueError, match=f"'{second}' should be"):
+        scheme.dequantize({**packed, second: packed[second][:-1]})
+    with pytest.raises(ValueError, match=f"'{second}' should be"):
+        scheme.prepare({**packed, second: packed[second].double()}, "cpu")
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_quantize_refuses_non_finite_and_integer_weights(name):
+    scheme = get_scheme(name)
+    weight = random_weight(64, 256)
+    weight[3, 7] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        scheme.quantize(weight)
+    with pytest.raises(ValueError, match="float weights"):
+        scheme.quantize(torch.ones(64, 256, dtype=torch.int32))
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "problem"),
+    [
+        ("int4", (64, 200), "in_features divisible by the group size 128, got 200"),
+        ("int4", (24, 256), "out_features divisible by 16, got 24"),
+        ("nf4", (64, 96), "in_features divisible by its block size 64, got 96"),
+        ("nf4", (48, 128), "out_features divisible by 32, got 48"),
+        ("int8", (7,), "matrices"),
+    ],
+)
+def test_shapes_the_kernels_cannot_take_are_refused_with_the_reason(name, shape, problem):
+    scheme = get_scheme(name)
+    assert problem in scheme.why_unsupported(shape)
+    with pytest.raises(ValueError, match=problem):
+        scheme.quantize(torch.randn(shape))
+    with pytest.raises(ValueError, match=problem):
+        scheme.packed_nbytes(shape)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [("int4", (16, 128)), ("int4", (3328, 2560)), ("int8", (7, 33)), ("nf4", (32, 64)), ("nf4", (2560, 1664))],
+)
+def test_fitting_shapes_have_no_problem(name, shape):
+    assert get_scheme(name).why_unsupported(shape) is None
+
+
+def test_int8_takes_any_matrix_shape():
+    scheme = get_scheme("int8")
+    packed = scheme.quantize(random_weight(7, 33))
+    x = torch.randn(2, 33)
+    y = scheme.matmul(x, scheme.prepare(packed, "cpu", torch.float32))
+    ref = x.double() @ scheme.dequantize(packed).double().T
+    assert ((y.double() - ref).abs() <= matmul_bound(x, scheme.dequantize(packed), ref, torch.float32)).all()
+
+
+def test_int4_group_size_option_changes_groups_and_still_multiplies():
+    scheme = get_scheme("int4", group_size=32)
+    packed = scheme.quantize(random_weight(32, 96))
+    assert packed["scale"].shape == (32, 3)
+    weight = scheme.dequantize(packed)
+    x = torch.randn(2, 96)
+    y = scheme.matmul(x, scheme.prepare(packed, "cpu", torch.float32))
+    ref = x.double() @ weight.double().T
+    assert ((y.double() - ref).abs() <= matmul_bound(x, weight, ref, torch.float32)).all()
