@@ -35,3 +35,7 @@ class ModelNotFoundError(AriaError):
 
 class InputError(AriaError):
     """The prompt and images do not fit together (for example token/feature count mismatch)."""
+
+
+class PlacementError(AriaError):
+    """The model does not fit the memory budget as asked (GPU memory, context, expert slots)."""

@@ -35,6 +35,11 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def swiglu_expert(x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor) -> torch.Tensor:
+    """One routed expert on float weights: x [N, H] @ fc1 [H, 2I] -> SwiGLU -> @ fc2 [I, H]."""
+    return swiglu(x @ fc1) @ fc2
+
+
 def routed_sum(
     x: torch.Tensor,
     top_idx: torch.Tensor,
@@ -79,7 +84,7 @@ class RoutedExperts(nn.Module):
         self.fc2 = GroupedWeight(e, i, h)
 
     def run_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x @ self.fc1.weight[expert]) @ self.fc2.weight[expert]
+        return swiglu_expert(x, self.fc1.weight[expert], self.fc2.weight[expert])
 
     def forward(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
         return routed_sum(x, top_idx, top_w, self.num_experts, self.run_expert)
