@@ -41,10 +41,10 @@ def load_image(
     `offline` refuses URLs (HF_HUB_OFFLINE / --offline means no network call at all).
     """
     if isinstance(source, (bytes, bytearray)):
-        return decode_image(bytes(source), "image from bytes")
+        return decode_image(bytes(source), "<bytes>")
     text = str(source)
     if text == STDIN_NAME:
-        return decode_image(read_stdin(max_bytes=max_bytes), "image from standard input")
+        return decode_image(read_stdin(max_bytes=max_bytes), "<stdin>")
     if text.lower().startswith(("http://", "https://")):
         if offline:
             raise ImageError(f"cannot fetch {text}: offline mode allows no downloads; save the image and pass its path")
