@@ -150,7 +150,7 @@ class Tokenizer:
     def ends_byte_run(self, token_id: int) -> bool:
         """Control pieces (<s>, </s>) show nothing but, as in SentencePiece, end a run of byte
         pieces: bytes before and after them are not joined into one character."""
-        return self._sp.is_control(token_id)
+        return 0 <= token_id < self.vocab_size and self._sp.is_control(token_id)
 
     def decode(self, ids) -> str:
         """Text of `ids` the way the official code decodes an answer (skip_special_tokens=True)."""
