@@ -151,7 +151,8 @@ class Scheme(ABC):
         }
         flat_out = {suffix: t.view(-1, *t.shape[len(weight.shape) - 2 :]) for suffix, t in out.items()}
         for i, w in enumerate(weight.reshape(-1, *weight.shape[-2:])):
-            w32 = w.float()
+            # Checkpoints may hand over transposed views (HF grouped experts are [E, in, out]).
+            w32 = w.to(torch.float32, memory_format=torch.contiguous_format)
             if not torch.isfinite(w32).all():
                 raise ValueError(f"cannot quantize a weight with NaN or infinite values (slice {i})")
             for suffix, tensor in self._quantize_2d(w32).items():

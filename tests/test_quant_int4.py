@@ -88,7 +88,7 @@ def test_torchao_dequantizes_our_codes_to_our_values():
     theirs = groupwise_affine_dequantize_tensor_from_qparams(
         q, packed["scale"], packed["zero"], n_bit=4, groupsize=GROUP
     ).float()
-    step = ((q - 8).abs() * packed["scale"].float().repeat_interleave(GROUP, -1))
+    step = (q - 8).abs() * packed["scale"].float().repeat_interleave(GROUP, -1)
     assert ((theirs - ours).abs() <= BF16_UNIT * (step + 2 * ours.abs()) + 1e-30).all()
 
 

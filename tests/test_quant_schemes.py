@@ -89,7 +89,9 @@ def test_packed_form_survives_safetensors_bit_exactly(name, tmp_path):
         assert back.dtype == tensor.dtype and back.shape == tensor.shape
         # Compare raw bytes: equal() would treat -0.0 == 0.0 for float tensors.
         assert torch.equal(back.view(torch.uint8), tensor.view(torch.uint8))
-    assert torch.equal(scheme.dequantize({s: loaded[f"experts.fc1.{s}"] for s in packed}), scheme.dequantize(packed))
+    assert torch.equal(
+        scheme.dequantize({s: loaded[f"experts.fc1.{s}"] for s in packed}), scheme.dequantize(packed)
+    )
 
 
 # Bytes per weight by hand: 4-bit codes plus bf16 scale+zero per 128 (int4); int8 codes plus a
@@ -133,6 +135,15 @@ def test_batched_quantize_equals_quantizing_each_expert(name):
         expert = slice_packed(grouped, e)
         assert all(torch.equal(expert[s], one[s]) for s in one)
     assert torch.equal(scheme.dequantize(grouped)[1], scheme.dequantize(slice_packed(grouped, 1)))
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_transposed_views_quantize_like_contiguous_weights(name):
+    scheme = get_scheme(name)
+    stored_in_out = random_weight(2, 256, 64, seed=6, dtype=torch.bfloat16)  # HF grouped [E, in, out]
+    view = stored_in_out.transpose(-1, -2)
+    a, b = scheme.quantize(view), scheme.quantize(view.contiguous())
+    assert all(torch.equal(a[s], b[s]) for s in a)
 
 
 @pytest.mark.parametrize("name", SCHEMES)
@@ -234,7 +245,13 @@ def test_shapes_the_kernels_cannot_take_are_refused_with_the_reason(name, shape,
 
 @pytest.mark.parametrize(
     ("name", "shape"),
-    [("int4", (16, 128)), ("int4", (3328, 2560)), ("int8", (7, 33)), ("nf4", (32, 64)), ("nf4", (2560, 1664))],
+    [
+        ("int4", (16, 128)),
+        ("int4", (3328, 2560)),
+        ("int8", (7, 33)),
+        ("nf4", (32, 64)),
+        ("nf4", (2560, 1664)),
+    ],
 )
 def test_fitting_shapes_have_no_problem(name, shape):
     assert get_scheme(name).why_unsupported(shape) is None
