@@ -136,6 +136,7 @@ class Scheme(ABC):
 
     # ----- quantize / dequantize ---------------------------------------------------------------
 
+    @torch.no_grad()
     def quantize(self, weight: Tensor) -> dict[str, Tensor]:
         """Packed plain tensors for a float weight [..., out, in], on the weight's device.
 
@@ -159,6 +160,7 @@ class Scheme(ABC):
                 flat_out[suffix][i].copy_(tensor)
         return out
 
+    @torch.no_grad()
     def dequantize(self, packed: dict[str, Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
         """The float weight [..., out, in] that the packed form stands for."""
         shape = self.weight_shape(packed)
@@ -171,6 +173,7 @@ class Scheme(ABC):
 
     # ----- kernels -----------------------------------------------------------------------------
 
+    @torch.no_grad()
     def prepare(
         self,
         packed: dict[str, Tensor],

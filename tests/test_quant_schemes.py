@@ -275,3 +275,13 @@ def test_int4_group_size_option_changes_groups_and_still_multiplies():
     y = scheme.matmul(x, scheme.prepare(packed, "cpu", torch.float32))
     ref = x.double() @ weight.double().T
     assert ((y.double() - ref).abs() <= matmul_bound(x, weight, ref, torch.float32)).all()
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_quantize_takes_a_parameter_and_returns_plain_tensors(name):
+    scheme = get_scheme(name)
+    parameter = torch.nn.Parameter(random_weight(64, 256))
+    packed = scheme.quantize(parameter)
+    assert not any(t.requires_grad for t in packed.values())
+    assert all(type(t) is torch.Tensor for t in packed.values())
+    assert torch.equal(scheme.dequantize(packed), scheme.dequantize(scheme.quantize(parameter.detach())))
