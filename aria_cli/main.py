@@ -1,8 +1,26 @@
-"""Entry point of the `aria` command (filled in by the CLI work)."""
+"""The `aria` command: the Typer app and the list of its commands.
+
+Every command is registered here. Errors and exit codes are handled for all of them by
+AriaGroup (errors.py); shared flags come from options.py (`@with_options(...)`).
+"""
+
+from __future__ import annotations
 
 import typer
 
-app = typer.Typer(help="Ask the Aria multimodal model about your images.", no_args_is_help=True)
+from . import console
+from .errors import AriaGroup
+from .model_commands import download, models, rm
+
+app = typer.Typer(
+    cls=AriaGroup,
+    name="aria",
+    help="Ask the Aria multimodal model about your images, on one GPU or on the CPU.",
+    no_args_is_help=True,
+    add_completion=True,  # --install-completion / --show-completion
+    pretty_exceptions_enable=False,  # AriaGroup prints errors; no Rich traceback walls
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 
 
 @app.command()
@@ -10,4 +28,9 @@ def version() -> None:
     """Print the version."""
     from importlib.metadata import version as _v
 
-    typer.echo(_v("aria-cli"))
+    console.emit_text(_v("aria-cli"))
+
+
+app.command(rich_help_panel="Models")(download)
+app.command(rich_help_panel="Models")(models)
+app.command(rich_help_panel="Models")(rm)

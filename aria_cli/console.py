@@ -1,0 +1,93 @@
+"""Where output goes.
+
+stdout carries only the result (an answer, a table, one JSON object) so it stays clean for pipes;
+progress, stats, warnings and errors go to stderr through one Rich console. When stdout is not a
+terminal, results are written as plain text: no colour, no wrapping, no spinners.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+# soft_wrap: an error must stay ONE line even on a narrow terminal or a log file (Rich would
+# otherwise wrap at 80 columns when stderr is not a terminal).
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+_mode = {"quiet": False, "verbose": False}
+
+
+def configure(*, quiet: bool = False, verbose: bool = False) -> None:
+    """Set once per command from its resolved options."""
+    _mode["quiet"] = quiet
+    _mode["verbose"] = verbose
+
+
+def is_quiet() -> bool:
+    return _mode["quiet"]
+
+
+def is_verbose() -> bool:
+    return _mode["verbose"]
+
+
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def stderr_is_terminal() -> bool:
+    return err.is_terminal
+
+
+def info(message: str) -> None:
+    """Progress and status for people, on stderr; silenced by --quiet."""
+    if not _mode["quiet"]:
+        err.print(message, markup=False)
+
+
+def detail(message: str) -> None:
+    """Extra information shown with --verbose (stats, paths, timings)."""
+    if _mode["verbose"] and not _mode["quiet"]:
+        err.print(message, markup=False)
+
+
+def warn(message: str) -> None:
+    if not _mode["quiet"]:
+        err.print(f"warning: {message}", markup=False)
+
+
+def error(message: str) -> None:
+    """The one line an expected failure prints; never silenced."""
+    err.print(f"error: {message}", markup=False)
+
+
+def emit_text(text: str, end: str = "\n") -> None:
+    """Write a result to stdout as-is (no markup, no wrapping) and flush, so pipes see it at once."""
+    sys.stdout.write(text + end)
+    sys.stdout.flush()
+
+
+def emit_json(obj: dict[str, Any]) -> None:
+    """The whole stdout of a `--json` command: exactly one JSON object on one line."""
+    if not isinstance(obj, dict):
+        raise TypeError("--json output must be one JSON object")
+    emit_text(json.dumps(obj, ensure_ascii=False, default=str))
+
+
+def emit_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A table on stdout: Rich on a terminal, tab-separated plain lines otherwise (for cut/awk)."""
+    if stdout_is_terminal():
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        for column in columns:
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        Console(highlight=False).print(table)
+        return
+    for row in (columns, *rows):
+        emit_text("\t".join(row))

@@ -1,0 +1,105 @@
+"""Failures -> one line on stderr and an exit code, for every command in one place.
+
+Exit codes: 0 success, 1 error, 2 usage error (bad flag, bad value, bad command), 130 interrupted.
+Expected failures (the runtime.errors.AriaError family, click's usage errors) print one line
+"error: ..."; the traceback is shown only with --debug. Anything else is a bug: it still prints
+one line (with a pointer to --debug) rather than a wall of traceback.
+
+The handling lives in the click group that Typer builds for the app (`AriaGroup`), so it covers
+option parsing, settings resolution and the command body alike, both for the `aria` console
+script and for Typer's CliRunner in tests.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import typer
+from typer.core import TyperGroup
+
+from runtime.errors import AriaError
+
+from . import console
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# Whether the running command has --debug. One process runs one command; AriaGroup resets it
+# when a command line starts being parsed (tests run many in one process).
+_debug = {"on": False}
+
+
+def mark_debug(debug: bool) -> None:
+    """Tell the error handler whether this command runs with --debug."""
+    _debug["on"] = debug
+
+
+# Typer vendors its own copy of click (typer._click), so click's exception classes are matched
+# by shape, not imported: a click exception has format_message() and exit_code; a usage error
+# also carries the context of the command it is about.
+def _is_click_exception(exc: BaseException) -> bool:
+    return hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)
+
+
+def _passes_through(exc: BaseException) -> bool:
+    # --help and explicit exits are not failures; a bare `aria` shows its help.
+    return isinstance(exc, (typer.Exit, SystemExit)) or type(exc).__name__ == "NoArgsIsHelpError"
+
+
+def report(exc: BaseException, *, debug: bool = False, command_path: str = "aria") -> int:
+    """Print what went wrong (one line, plus a traceback with --debug) and return the exit code."""
+    if isinstance(exc, KeyboardInterrupt) or (
+        isinstance(exc, typer.Abort) and isinstance(exc.__context__, KeyboardInterrupt)
+    ):
+        console.err.print("interrupted", markup=False)
+        return EXIT_INTERRUPTED
+    if isinstance(exc, typer.Abort):  # e.g. end of input at a confirmation prompt
+        console.error("aborted")
+        return EXIT_ERROR
+    if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
+        return EXIT_ERROR  # stdout closed by the reader (`aria ... | head`): nothing to say
+    if isinstance(exc, AriaError):
+        console.error(str(exc))
+        code = exc.exit_code
+    elif _is_click_exception(exc):
+        message = exc.format_message()  # type: ignore[attr-defined]
+        if exc.exit_code == EXIT_USAGE:  # type: ignore[attr-defined]
+            ctx = getattr(exc, "ctx", None)
+            message += f" (see '{ctx.command_path if ctx is not None else command_path} --help')"
+        console.error(message)
+        return exc.exit_code  # type: ignore[attr-defined]
+    else:
+        console.error(
+            f"unexpected {type(exc).__name__}: {exc} (this is a bug in aria; rerun with --debug for the traceback)"
+        )
+        code = EXIT_ERROR
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    return code
+
+
+def _guarded(ctx: Any, call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except (Exception, KeyboardInterrupt) as exc:
+        if _passes_through(exc):
+            raise
+        code = report(exc, debug=_debug["on"], command_path=ctx.command_path)
+        raise typer.Exit(code) from None
+
+
+class AriaGroup(TyperGroup):
+    """Typer's group with aria's error policy around parsing and invocation."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        mark_debug(False)
+        return _guarded(ctx, lambda: super(AriaGroup, self).parse_args(ctx, args))
+
+    def invoke(self, ctx: Any) -> Any:
+        return _guarded(ctx, lambda: super(AriaGroup, self).invoke(ctx))

@@ -1,0 +1,81 @@
+"""The Hugging Face Hub side: cache location, endpoint, and errors in aria's words.
+
+huggingface_hub reads HF_HOME / HF_HUB_CACHE / HF_ENDPOINT once, when it is imported; aria reads
+them when a command runs and passes them explicitly, so the environment of the command is what
+counts (and tests can point a command at a scratch cache and a local fake Hub). HF_TOKEN is left
+to huggingface_hub, which sends it with every request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from runtime.errors import AriaError, ModelNotFoundError
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+def hub_cache_dir() -> Path:
+    """The standard HF cache: $HF_HUB_CACHE, else $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg_cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg_cache).expanduser() / "huggingface" / "hub"
+
+
+def hub_endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def repo_folder(repo_id: str, cache_dir: Path | None = None) -> Path:
+    """The cache folder of a model repo (`models--org--name`), whether or not it exists."""
+    return (cache_dir or hub_cache_dir()) / ("models--" + repo_id.replace("/", "--"))
+
+
+@contextlib.contextmanager
+def hub_errors(repo_id: str, revision: str = "main", *, lookup: bool = False) -> Iterator[None]:
+    """Turn huggingface_hub and network failures into one-line AriaErrors that say what to do.
+
+    `lookup`: the block only asks the Hub about the repo (nothing is being downloaded yet).
+    Only the Hub call sits inside this block, so a bug in aria is never disguised as a network error.
+    """
+    from huggingface_hub import errors as hf
+
+    try:
+        yield
+    except hf.GatedRepoError:
+        raise AriaError(
+            f"{repo_id} is gated: accept its terms on {hub_endpoint()}/{repo_id} and set HF_TOKEN"
+        ) from None
+    except hf.RevisionNotFoundError:
+        raise ModelNotFoundError(f"{repo_id} has no revision '{revision}'; check --revision") from None
+    except hf.RepositoryNotFoundError:
+        raise ModelNotFoundError(
+            f"no model {repo_id} on {hub_endpoint()} (if it is private, set HF_TOKEN); check the name"
+        ) from None
+    except hf.HfHubHTTPError as exc:
+        status = exc.response.status_code if getattr(exc, "response", None) is not None else "?"
+        if status == 401:
+            raise AriaError(f"the Hub refused HF_TOKEN for {repo_id} (HTTP 401); set a valid HF_TOKEN") from None
+        raise AriaError(
+            f"the Hub failed while fetching {repo_id} (HTTP {status}); try again later; "
+            "completed files are kept"
+        ) from exc
+    except (AriaError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # connection refused, reset, timeout, truncated transfer, disk full ...
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if lookup:
+            raise AriaError(
+                f"cannot reach {hub_endpoint()} to look up {repo_id} ({type(exc).__name__}: {reason}); "
+                "check your connection, or use --offline for models already downloaded"
+            ) from exc
+        raise AriaError(
+            f"download of {repo_id} did not finish ({type(exc).__name__}: {reason}); "
+            f"run `aria download {repo_id}` again to resume; completed files are kept"
+        ) from exc

@@ -1,0 +1,194 @@
+"""Options shared by commands, declared once.
+
+Three option groups, each a frozen dataclass whose fields are settings (see settings.py):
+- OutputOptions: -v/--verbose, --debug, --json, -q/--quiet (every command);
+- HubOptions: OutputOptions + --offline (commands that may reach the Hub);
+- RunOptions: HubOptions + model, generation and placement flags (ask, chat).
+
+A command asks for a group with `@with_options(RunOptions)` and a parameter `opts: RunOptions`:
+the decorator adds the group's flags to the command's signature (Typer reads the signature),
+resolves every value through flag > ARIA_* environment > config file > default, checks flag
+combinations, configures the console and the error handler, and calls the command with `opts`.
+
+    @app.command()
+    @with_options(RunOptions)
+    def ask(prompt: str, opts: RunOptions) -> None: ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from runtime.errors import UsageError
+
+from . import console
+from .errors import mark_debug
+from .settings import SETTINGS, config_file, load_settings_file, resolve_setting
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    verbose: bool
+    debug: bool
+    json: bool
+    quiet: bool
+
+
+@dataclass(frozen=True)
+class HubOptions(OutputOptions):
+    offline: bool
+
+
+@dataclass(frozen=True)
+class RunOptions(HubOptions):
+    model: str
+    max_tokens: int
+    temperature: float  # 0 = greedy
+    top_p: float
+    top_k: int  # 0 = no top-k cut
+    seed: int | None
+    stop: tuple[str, ...]
+    system: str | None
+    split_image: bool
+    device: str  # auto | cpu | cuda | cuda:N
+    dtype: str  # auto | bfloat16 | float16 | float32
+    quant: str  # none | int4 | int8 | nf4
+    gpu_memory: int | None  # bytes; None = what the device has free
+    cpu_moe: bool
+    n_cpu_moe: int
+
+
+_GEN, _RUN, _OUT = "Generation", "Runtime", "Output"
+
+
+def _default(name: str, shown: str | None = None) -> str:
+    value = SETTINGS[name].default
+    return f" (default: {shown if shown is not None else value}; env ARIA_{name.upper()})"
+
+
+def _text(*names: str, help: str, panel: str, metavar: str, name: str, shown: str | None = None) -> Any:
+    return Annotated[
+        str | None,
+        typer.Option(*names, help=help + _default(name, shown), rich_help_panel=panel, metavar=metavar,
+                     show_default=False),
+    ]
+
+
+def _flag(*names: str, help: str, panel: str, name: str) -> Any:
+    return Annotated[
+        bool | None,
+        typer.Option(*names, help=help + _default(name), rich_help_panel=panel, show_default=False),
+    ]
+
+
+# The Typer declaration of every option, keyed by setting name. Values arrive as text (or bool
+# for flags) and are parsed by settings.py, so flag, environment and config file share one parser.
+DECLARATIONS: dict[str, Any] = {
+    "model": _text("-m", "--model", name="model", panel=_GEN, metavar="MODEL",
+                   help="Hub repo id (org/name), local directory, or alias: aria, aria-int4, aria-int8, demo."),
+    "max_tokens": _text("-n", "--max-tokens", name="max_tokens", panel=_GEN, metavar="INT",
+                        help="Most tokens to generate."),
+    "temperature": _text("-t", "--temperature", name="temperature", panel=_GEN, metavar="FLOAT",
+                         help="Sampling temperature; 0 = greedy."),
+    "top_p": _text("--top-p", name="top_p", panel=_GEN, metavar="FLOAT", help="Nucleus sampling mass, in (0, 1]."),
+    "top_k": _text("--top-k", name="top_k", panel=_GEN, metavar="INT", help="Sample from the k likeliest; 0 = off."),
+    "seed": _text("--seed", name="seed", panel=_GEN, metavar="INT", shown="random",
+                  help="Random seed, for repeatable sampling."),
+    "stop": Annotated[
+        list[str] | None,
+        typer.Option("--stop", metavar="TEXT", rich_help_panel=_GEN, show_default=False,
+                     help="Stop when this text is generated; repeatable." + _default("stop", "none")),
+    ],
+    "system": _text("-s", "--system", name="system", panel=_GEN, metavar="TEXT", shown="none",
+                    help="System prompt."),
+    "split_image": _flag("--split-image/--no-split-image", name="split_image", panel=_GEN,
+                         help="Tile large images into 980px crops (more image tokens, more detail)."),
+    "device": _text("--device", name="device", panel=_RUN, metavar="auto|cpu|cuda[:N]", help="Where to run."),
+    "dtype": _text("--dtype", name="dtype", panel=_RUN, metavar="auto|bfloat16|float16|float32",
+                   help="Compute dtype."),
+    "quant": _text("--quant", name="quant", panel=_RUN, metavar="none|int4|int8|nf4",
+                   help="Quantize bf16 weights while loading."),
+    "gpu_memory": _text("--gpu-memory", name="gpu_memory", panel=_RUN, metavar="SIZE", shown="free memory",
+                        help="GPU memory to use, e.g. 24GiB, 20GB, 16000MiB."),
+    "cpu_moe": _flag("--cpu-moe/--no-cpu-moe", name="cpu_moe", panel=_RUN,
+                     help="Keep all routed experts in CPU memory and compute them there."),
+    "n_cpu_moe": _text("--n-cpu-moe", name="n_cpu_moe", panel=_RUN, metavar="N",
+                       help="Keep the routed experts of the first N layers on the CPU."),
+    "offline": _flag("--offline/--online", name="offline", panel=_RUN,
+                     help="Use only downloaded models; make no network call (also HF_HUB_OFFLINE=1)."),
+    "verbose": _flag("-v", "--verbose", name="verbose", panel=_OUT, help="Show speed stats and details on stderr."),
+    "debug": _flag("--debug", name="debug", panel=_OUT, help="Show tracebacks for errors."),
+    "json": _flag("--json", name="json", panel=_OUT, help="Print one JSON object on stdout."),
+    "quiet": _flag("-q", "--quiet", name="quiet", panel=_OUT, help="Print only the result and errors."),
+}
+
+O = TypeVar("O", bound=OutputOptions)
+
+
+def resolve_options(cls: type[O], flags: dict[str, Any]) -> O:
+    """Build `cls` from flag values (None = not given) through the settings layers, and check it."""
+    file_values = load_settings_file()
+    path = config_file()
+    values = {
+        f.name: resolve_setting(f.name, flags.get(f.name), file_values=file_values, file_path=path)
+        for f in dataclasses.fields(cls)
+    }
+    _check_combinations(values)
+    return cls(**values)
+
+
+def _check_combinations(v: dict[str, Any]) -> None:
+    if v.get("quiet") and v.get("verbose"):
+        raise UsageError("--quiet and --verbose contradict each other; use one")
+    if v.get("cpu_moe") and v.get("n_cpu_moe"):
+        raise UsageError("--cpu-moe already puts every layer's experts on the CPU; drop --n-cpu-moe")
+    if v.get("device") == "cpu" and v.get("gpu_memory") is not None:
+        raise UsageError("--gpu-memory needs a GPU device; drop it or use --device cuda")
+
+
+def _early_debug(flags: dict[str, Any]) -> bool:
+    # Known before anything else can fail, so that a failure while resolving still honours --debug.
+    try:
+        return bool(resolve_setting("debug", flags.get("debug")))
+    except UsageError:
+        return False
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def with_options(cls: type[OutputOptions]) -> Callable[[F], F]:
+    """Add the flags of option group `cls` to a Typer command; it receives them as `opts`."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+
+    def decorate(func: F) -> F:
+        signature = inspect.signature(func, eval_str=True)
+        if "opts" not in signature.parameters:
+            raise TypeError(f"{func.__name__} must take an `opts` parameter to use @with_options")
+        own = [p for p in signature.parameters.values() if p.name != "opts"]
+        added = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=DECLARATIONS[name])
+            for name in fields
+        ]
+
+        @functools.wraps(func)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            flags = {name: kwargs.pop(name, None) for name in fields}
+            mark_debug(_early_debug(flags))
+            opts = resolve_options(cls, flags)
+            mark_debug(opts.debug)
+            console.configure(quiet=opts.quiet, verbose=opts.verbose)
+            return func(*args, opts=opts, **kwargs)
+
+        command.__signature__ = signature.replace(parameters=own + added)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in own + added}
+        return command  # type: ignore[return-value]
+
+    return decorate
