@@ -92,6 +92,8 @@ class Int4Scheme(Scheme):
     ) -> tuple[dict[str, Tensor], Kernel]:
         if dtype != torch.bfloat16:
             raise ValueError("the CUDA int4 kernel computes in bfloat16; prepare with dtype=torch.bfloat16")
+        if torch.cuda.get_device_capability(packed["qdata"].device) < (8, 0):
+            raise ValueError("the CUDA int4 kernel needs an Ampere or newer GPU (compute capability 8.0+)")
         in_features = packed["qdata"].shape[-1] * 2
         # Largest tile count the kernel accepts for this width (in_features % (16 * tiles) == 0).
         inner_k_tiles = next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)

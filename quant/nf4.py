@@ -147,9 +147,11 @@ def _mm_cuda(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
 
 
 def _has_fused_cpu_kernel(bnb) -> bool:
-    # bitsandbytes registers its fused CPU gemv only when the CPU has AVX512-BF16.
+    # bitsandbytes registers its fused CPU gemv only when the CPU has AVX512-BF16, and only
+    # releases that ship the packing helper read the layout cpu_fused_layout builds.
     has_avx512bf16 = getattr(bnb.functional, "has_avx512bf16", None)
-    return bool(has_avx512bf16 and has_avx512bf16())
+    knows_layout = hasattr(bnb.functional, "_convert_weight_packed_for_cpu")
+    return bool(knows_layout and has_avx512bf16 and has_avx512bf16())
 
 
 _quieted = partial(logging.getLogger, "bitsandbytes.backends.cpu.ops")

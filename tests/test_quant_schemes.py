@@ -285,3 +285,32 @@ def test_quantize_takes_a_parameter_and_returns_plain_tensors(name):
     assert not any(t.requires_grad for t in packed.values())
     assert all(type(t) is torch.Tensor for t in packed.values())
     assert torch.equal(scheme.dequantize(packed), scheme.dequantize(scheme.quantize(parameter.detach())))
+
+
+@pytest.mark.parametrize("rows", [1, 17])
+def test_int8_cuda_kernel_choice_computes_the_same_product(rows):
+    # No GPU here: run the CUDA path's two branches (gemv op / dequantized GEMM) on CPU tensors.
+    from quant.int8 import CUDA_GEMV_MAX_ROWS, _mm_cuda
+
+    assert (rows <= CUDA_GEMV_MAX_ROWS) == (rows == 1)
+    scheme = get_scheme("int8")
+    packed = scheme.quantize(random_weight(64, 256, seed=7))
+    weight = scheme.dequantize(packed)
+    x = torch.randn(rows, 256)
+    y = _mm_cuda(x, {"qdata": packed["qdata"], "scale": packed["scale"]})
+    ref = x.double() @ weight.double().T
+    assert ((y.double() - ref).abs() <= matmul_bound(x, weight, ref, torch.float32)).all()
+
+
+def test_nf4_cuda_batched_path_dequantizes_the_plain_layout():
+    from quant.nf4 import _bitsandbytes, _mm_cuda
+
+    _bitsandbytes()  # prepare() would have loaded the kernels
+
+    scheme = get_scheme("nf4")
+    packed = scheme.quantize(random_weight(64, 256, seed=8))
+    weight = scheme.dequantize(packed)
+    x = torch.randn(4, 256)
+    y = _mm_cuda(x, {"qdata": packed["qdata"], "absmax": packed["absmax"]})
+    ref = x.double() @ weight.double().T
+    assert ((y.double() - ref).abs() <= matmul_bound(x, weight, ref, torch.float32)).all()
