@@ -10,7 +10,6 @@ weight plus a float32 absmax per block, 0.5625 B/param. Kernels come from bitsan
 from __future__ import annotations
 
 import logging
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -87,8 +86,8 @@ class Nf4Scheme(Scheme):
     def _prepare_cpu(self, packed: dict[str, Tensor], dtype: torch.dtype) -> tuple[dict[str, Tensor], Kernel]:
         bnb = _bitsandbytes()
         if dtype == torch.bfloat16 and _has_fused_cpu_kernel(bnb):
-            # The fused kernel only exists in bfloat16 and reads absmax as bfloat16 [in/64, out]:
-            # its results match dequantize() with absmax rounded to bfloat16.
+            # The fused kernel works in bfloat16 throughout: it reads absmax as bfloat16
+            # [in/64, out] and rounds weights and outputs to bfloat16 (bounds in the tests).
             tensors = {
                 "weight": cpu_fused_layout(packed["qdata"]),
                 "absmax": packed["absmax"].t().to(torch.bfloat16).contiguous(),
@@ -154,12 +153,9 @@ def _has_fused_cpu_kernel(bnb) -> bool:
     return bool(knows_layout and has_avx512bf16 and has_avx512bf16())
 
 
-_quieted = partial(logging.getLogger, "bitsandbytes.backends.cpu.ops")
-
-
 def _bitsandbytes():
     """Import bitsandbytes (registers torch.ops.bitsandbytes) without its import-time log noise."""
-    logger = _quieted()
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     level = logger.level
     logger.setLevel(logging.ERROR)  # it warns about an optional hub kernel it could not fetch
     try:
