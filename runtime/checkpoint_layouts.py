@@ -24,6 +24,8 @@ from typing import ClassVar
 
 import torch
 
+from quant import get_scheme, scheme_names
+
 from .errors import CheckpointError
 
 LAYOUTS = ("a", "b", "c1", "c2", "c3")
@@ -119,10 +121,14 @@ class Template:
 
 _CANONICAL = [Template(t) for template in CANONICAL_NAMES for t in _expand(template)]
 _DROPPED_RE = re.compile("|".join(f"(?:{d})" for d in _DROPPED) + r"\Z")
+# Quantized checkpoints (ours) store a weight `X.weight` as packed tensors `X.weight.<part>`.
+_PACKED_PARTS = sorted({part for name in scheme_names() for part in get_scheme(name).suffixes})
+_PACKED_RE = re.compile(r"(?<=\.weight)\.(" + "|".join(_PACKED_PARTS) + r")\Z")
 
 
 def is_canonical(name: str) -> bool:
-    return any(t.match(name) is not None for t in _CANONICAL)
+    base = _PACKED_RE.sub("", name)  # a quantized weight's packed parts share its name
+    return any(t.match(base) is not None for t in _CANONICAL)
 
 
 @dataclass(frozen=True)
@@ -183,6 +189,10 @@ class Layout:
         """
         if _DROPPED_RE.match(key):
             return None
+        packed = _PACKED_RE.search(key)
+        if packed is not None:
+            base = self.to_canonical(key[: packed.start()])
+            return None if base is None else base + packed.group(0)
         for canonical, stored in self._compiled:
             holes = stored.match(key)
             if holes is not None:

@@ -107,6 +107,8 @@ def config_to_json(config: AriaConfig, flavour: str, dtype: torch.dtype = torch.
         tie_word_embeddings=False,
         torch_dtype=dtype_name,
     )
+    if config.quantization is not None:
+        top["quantization"] = dict(config.quantization)
     return top
 
 

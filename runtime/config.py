@@ -21,14 +21,14 @@ from typing import Any
 from .errors import ConfigError
 
 # Defaults of the reference vision config classes, keyed by vision model_type.
-_SIGLIP_VISION_DEFAULTS = dict(
-    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    image_size=224, patch_size=16, layer_norm_eps=1e-6, num_channels=3,
-)
-_IDEFICS3_VISION_DEFAULTS = dict(
-    hidden_size=1152, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=16,
-    image_size=224, patch_size=32, layer_norm_eps=1e-6, num_channels=3,
-)
+_SIGLIP_VISION_DEFAULTS = {
+    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+    "image_size": 224, "patch_size": 16, "layer_norm_eps": 1e-6, "num_channels": 3,
+}
+_IDEFICS3_VISION_DEFAULTS = {
+    "hidden_size": 1152, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 16,
+    "image_size": 224, "patch_size": 32, "layer_norm_eps": 1e-6, "num_channels": 3,
+}
 _VISION_DEFAULTS = {
     "idefics3_vision": _IDEFICS3_VISION_DEFAULTS,
     "aria_vision_model": _SIGLIP_VISION_DEFAULTS,
@@ -90,6 +90,9 @@ class AriaConfig:
     patch_to_query: dict[int, int] = field(default_factory=lambda: {1225: 128, 4900: 256})
     image_token_index: int = 9
     flavour: str = "hub"  # "original" (remote code) or "hub" (transformers-native)
+    # Present in checkpoints written by `aria quantize`: the scheme's metadata (scheme name,
+    # group/block size) and which module families are quantized. None for float checkpoints.
+    quantization: dict[str, Any] | None = None
 
     @property
     def max_queries(self) -> int:
@@ -99,7 +102,7 @@ class AriaConfig:
         """Image tokens one crop of `crop_size` pixels becomes (256 for 980, 128 for 490 in Aria)."""
         patches = (crop_size // self.vision.patch_size) ** 2
         if patches not in self.patch_to_query:
-            sizes = sorted(int(round(p**0.5)) * self.vision.patch_size for p in self.patch_to_query)
+            sizes = sorted(round(p**0.5) * self.vision.patch_size for p in self.patch_to_query)
             raise ConfigError(
                 f"crop size {crop_size} is not supported by this model; use one of {sizes}"
             )
@@ -109,11 +112,11 @@ class AriaConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "AriaConfig":
+    def from_dict(cls, raw: dict[str, Any]) -> AriaConfig:
         return _parse(raw)
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "AriaConfig":
+    def from_dir(cls, path: str | Path) -> AriaConfig:
         return load_config(path)
 
 
@@ -155,12 +158,16 @@ def _parse(raw: dict[str, Any], source: str = "config.json") -> AriaConfig:
         raise ConfigError(f"{source}: 'projector_patch_to_query_dict' must map patch counts to query counts") from None
 
     original = text_raw.get("model_type") == "aria_moe_lm" or "moe_intermediate_size" in text_raw
+    quantization = raw.get("quantization")
+    if quantization is not None and not (isinstance(quantization, dict) and "scheme" in quantization):
+        raise ConfigError(f"{source}: 'quantization' must be an object with a 'scheme'; re-run aria quantize")
     return AriaConfig(
         text=text,
         vision=vision,
         patch_to_query=patch_to_query,
         image_token_index=int(raw.get("image_token_index", raw.get("image_token_id", 9))),
         flavour="original" if original else "hub",
+        quantization=quantization,
     )
 
 

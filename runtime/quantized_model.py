@@ -1,0 +1,143 @@
+"""Quantized Aria: swap the decoder linears for quantized ones, from float weights or packed ones.
+
+The modules to swap are named by runtime.quant_targets; the kernels come from quant/. Two ways
+in, one set of modules:
+- `quantize_model(model, scheme)`: a loaded float model (mmap views) is quantized weight by
+  weight, each source released as soon as it is packed, so memory stays near the quantized size;
+- `install_packed(model, scheme, get_packed)`: a meta-built model receives packed tensors from a
+  quantized checkpoint (what `aria quantize` wrote) without ever seeing floats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from quant import Prepared, QuantizedLinear, Scheme, slice_packed
+
+from .moe import RoutedExperts, routed_sum, swiglu
+from .quant_targets import FAMILIES, family_of, is_quantized, to_stored_orientation
+
+PackedGetter = Callable[[str], dict[str, torch.Tensor]]  # weight name -> packed tensors
+
+
+class QuantizedRoutedExperts(nn.Module):
+    """Routed experts with fc1 [E, 2I, H] and fc2 [E, H, I] packed, prepared once per expert."""
+
+    def __init__(self, scheme: Scheme, fc1: dict[str, torch.Tensor], fc2: dict[str, torch.Tensor],
+                 device: torch.device | str, dtype: torch.dtype):
+        super().__init__()
+        self.scheme = scheme
+        self.num_experts = scheme.weight_shape(fc1)[0]
+        self.fc1: list[Prepared] = [scheme.prepare(slice_packed(fc1, e), device, dtype) for e in range(self.num_experts)]
+        self.fc2: list[Prepared] = [scheme.prepare(slice_packed(fc2, e), device, dtype) for e in range(self.num_experts)]
+
+    def run_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        mm = self.scheme.matmul
+        return mm(swiglu(mm(x, self.fc1[expert])), self.fc2[expert])
+
+    def forward(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+        return routed_sum(x, top_idx, top_w, self.num_experts, self.run_expert)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.fc1 + self.fc2)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, scheme={self.scheme!r}"
+
+
+@dataclass
+class QuantReport:
+    """Bytes per module family before and after quantization, and what was quantized."""
+
+    before: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAMILIES, 0))
+    after: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAMILIES, 0))
+    quantized: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAMILIES, 0))  # weights per family
+    kept: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAMILIES, 0))
+
+    def add(self, name: str, before: int, after: int, quantized: bool) -> None:
+        family = family_of(name)
+        self.before[family] += before
+        self.after[family] += after
+        (self.quantized if quantized else self.kept)[family] += 1
+
+    def unquantized_experts(self) -> int:
+        return self.kept["routed experts"]
+
+    def rows(self) -> list[tuple[str, int, int, str]]:
+        """(family, bytes before, bytes after, 'quantized'|'kept') for every family present."""
+        return [
+            (f, self.before[f], self.after[f], "quantized" if self.quantized[f] and not self.kept[f] else "kept")
+            for f in FAMILIES if self.before[f]
+        ]
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _targets(model: nn.Module) -> list[tuple[nn.Module, str, list[str]]]:
+    """(parent, attribute, weight names) of every module to quantize, listed before any is swapped."""
+    found = []
+    for name, module in model.named_modules():
+        for attr, child in module.named_children():
+            path = f"{name}.{attr}" if name else attr
+            if isinstance(child, RoutedExperts):
+                found.append((module, attr, [f"{path}.fc1.weight", f"{path}.fc2.weight"]))
+            elif isinstance(child, nn.Linear) and is_quantized(f"{path}.weight"):
+                found.append((module, attr, [f"{path}.weight"]))
+    return found
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    scheme: Scheme,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    release: Callable[[str], None] | None = None,
+) -> QuantReport:
+    """Quantize every target of a float model in place; `release(name)` frees each source after."""
+
+    def packed_from_float(name: str) -> dict[str, torch.Tensor]:
+        weight = model.get_parameter(name)
+        packed = scheme.quantize(to_stored_orientation(name, weight))
+        if release is not None:
+            release(name)
+        return packed
+
+    return install_packed(model, scheme, packed_from_float, dtype, device, report_floats=True)
+
+
+@torch.no_grad()
+def install_packed(
+    model: nn.Module,
+    scheme: Scheme,
+    get_packed: PackedGetter,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    report_floats: bool = False,
+) -> QuantReport:
+    """Replace every target module by its quantized form built from `get_packed(weight name)`.
+
+    Works on a meta-built model (nothing is read but the packed tensors) and on a loaded one.
+    """
+    report = QuantReport()
+    for parent, attr, names in _targets(model):
+        before = {n: _nbytes(model.get_parameter(n)) for n in names}
+        packed = {n: get_packed(n) for n in names}
+        if isinstance(getattr(parent, attr), RoutedExperts):
+            new = QuantizedRoutedExperts(scheme, packed[names[0]], packed[names[1]], device, dtype)
+        else:
+            new = QuantizedLinear.from_packed(packed[names[0]], scheme, device, dtype=dtype)
+        for n in names:
+            report.add(n, before[n], sum(_nbytes(t) for t in packed[n].values()), True)
+        setattr(parent, attr, new)
+    if report_floats:
+        for name, param in model.named_parameters():
+            report.add(name, _nbytes(param), _nbytes(param), False)
+    return report
