@@ -58,6 +58,9 @@ class Session:
         start = self._reuse_point(prompt)
         new = prompt[start:]
         self.cache.check_room(start, len(new))
+        # Forget what is about to be overwritten first: if this prefill is interrupted (Ctrl-C),
+        # positions >= start may hold a mix of old and new keys and must not be reused.
+        del self.cached[start:]
         image_id = self.model.config.image_token_index
         n_image_tokens = sum(1 for t in new if t == image_id)
         if pixel_values is not None and n_image_tokens:
