@@ -33,6 +33,7 @@ _TINY_VISION = VisionConfig(
     hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=980, patch_size=70,
 )
 _VISION_PREFIX = "vision_"
+TINY_TOKENIZER_PIECES = 512
 
 
 def tiny_config(**overrides) -> AriaConfig:
@@ -80,7 +81,16 @@ def write_tiny_checkpoint(
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write a random tiny Aria (config.json, generation_config.json, weights) to `out_dir`."""
+    """Write a random tiny Aria (config.json, generation_config.json, weights) to `out_dir`.
+
+    A tiny Aria-shaped tokenizer.model (512 pieces) is added when the vocabulary can hold it,
+    so the directory is a complete model for the CLI and the chat path.
+    """
+    from .tiny_tokenizer import train_tiny_tokenizer
+
     config = config or tiny_config()
-    return write_checkpoint(out_dir, random_state_dict(config, seed), config, layout, max_shard_bytes, dtype,
+    path = write_checkpoint(out_dir, random_state_dict(config, seed), config, layout, max_shard_bytes, dtype,
                             overwrite=overwrite)
+    if config.text.vocab_size >= TINY_TOKENIZER_PIECES:
+        train_tiny_tokenizer(path / "tokenizer.model", vocab_size=TINY_TOKENIZER_PIECES)
+    return path

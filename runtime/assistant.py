@@ -1,0 +1,248 @@
+"""The whole question-to-answer path behind `aria ask` and `aria chat`.
+
+`Assistant.open(model_dir, ...)` loads the model and tokenizer once; `assistant.reply(chat,
+options)` renders the conversation with Aria's template, preprocesses its pictures, runs the
+model on a `Session` (so a follow-up only prefills the new turn) and streams text chunks. The
+`Reply` it returns is iterated for the chunks and then carries the tokens, the finish reason and
+the timings the CLI prints with --verbose / --json.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .chat_template import encode_prompt
+from .detokenizer import StreamDecoder
+from .errors import UsageError
+from .generate import Session
+from .image_processing import ProcessedImages, preprocess_images
+from .loader import load_model_with_report
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+DEFAULT_MAX_CONTEXT = 8192
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    max_tokens: int = 512
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise UsageError(f"--max-tokens must be at least 1 (got {self.max_tokens})")
+
+
+@dataclass
+class Turn:
+    role: str  # "system" | "user" | "assistant"
+    text: str
+    images: list[Image.Image] = field(default_factory=list)  # shown before the text, in order
+    image_sources: list[str] = field(default_factory=list)  # where they came from (for /save)
+    interrupted: bool = False  # an assistant answer cut off by Ctrl-C
+
+
+@dataclass
+class Conversation:
+    turns: list[Turn] = field(default_factory=list)
+
+    @property
+    def system(self) -> str | None:
+        return self.turns[0].text if self.turns and self.turns[0].role == "system" else None
+
+    def set_system(self, text: str | None) -> None:
+        if self.system is not None:
+            self.turns.pop(0)
+        if text:
+            self.turns.insert(0, Turn("system", text))
+
+    def add(self, role: str, text: str, images=(), sources=(), interrupted: bool = False) -> Turn:
+        turn = Turn(role, text, list(images), list(sources), interrupted)
+        self.turns.append(turn)
+        return turn
+
+    def messages(self) -> list[dict[str, Any]]:
+        out = []
+        for turn in self.turns:
+            content: list[dict[str, Any]] = [{"type": "image"} for _ in turn.images]
+            content.append({"type": "text", "text": turn.text})
+            out.append({"role": turn.role, "content": content})
+        return out
+
+    def images(self) -> list[Image.Image]:
+        return [image for turn in self.turns for image in turn.images]
+
+
+@dataclass
+class ReplyStats:
+    load_s: float = 0.0
+    ttft_s: float = 0.0
+    prompt_tokens: int = 0
+    prefilled_tokens: int = 0
+    completion_tokens: int = 0
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    peak_host_bytes: int = 0
+    peak_device_bytes: int = 0
+    experts: dict[str, float] = field(default_factory=lambda: {"hit_rate": 0.0, "fetched": 0, "cpu_computed": 0})
+
+
+class Reply:
+    """Iterate for text chunks; afterwards `text`, `tokens`, `finish_reason` and `stats` are set."""
+
+    def __init__(self, chunks: Iterator[str]):
+        self._chunks = chunks
+        self.text = ""
+        self.tokens: list[int] = []
+        self.finish_reason = "stop"  # "stop" | "length" | "interrupted"
+        self.stats = ReplyStats()
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            for chunk in self._chunks:
+                self.text += chunk
+                yield chunk
+        except KeyboardInterrupt:
+            self.finish_reason = "interrupted"
+            raise
+        finally:
+            self._chunks.close()
+
+    def interrupt(self) -> None:
+        """Stop generating (Ctrl-C): what was produced stays, and so does the cache behind it."""
+        self.finish_reason = "interrupted"
+        self._chunks.close()
+
+    def read(self) -> str:
+        """Consume the whole reply and return its text."""
+        for _ in self:
+            pass
+        return self.text
+
+
+class Assistant:
+    def __init__(self, model, tokenizer: Tokenizer, name: str, load_s: float = 0.0,
+                 max_context: int = DEFAULT_MAX_CONTEXT, crop_size: int = 980, split_image: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.load_s = load_s
+        self.crop_size = crop_size
+        self.split_image = split_image
+        self.session = Session(model, min(max_context, model.config.text.max_position_embeddings))
+        self._processed: dict[int, ProcessedImages] = {}  # per picture object, computed once
+        self.config = model.config
+        self.config.tokens_per_crop(crop_size)  # refuse an unsupported crop size before any question
+
+    @classmethod
+    def open(cls, model_dir: str | Path, dtype: torch.dtype | None = None, device: str = "cpu",
+             quant: str | None = None, name: str | None = None, **options) -> Assistant:
+        started = time.perf_counter()
+        model, _ = load_model_with_report(model_dir, dtype=dtype, device=device, quant=quant)
+        tokenizer = Tokenizer.from_dir(model_dir, model.config)
+        return cls(model, tokenizer, name or str(model_dir), time.perf_counter() - started, **options)
+
+    def _pixels(self, images: list[Image.Image]) -> ProcessedImages:
+        parts = []
+        for image in images:
+            key = id(image)
+            if key not in self._processed:
+                self._processed[key] = preprocess_images([image], self.crop_size, self.split_image)
+            parts.append(self._processed[key])
+        if not parts:
+            return preprocess_images([], self.crop_size)
+        return ProcessedImages(
+            torch.cat([p.pixel_values for p in parts]),
+            torch.cat([p.pixel_mask for p in parts]),
+            tuple(c for p in parts for c in p.crops_per_image),
+            self.crop_size,
+        )
+
+    def prompt_ids(self, conversation: Conversation) -> tuple[list[int], ProcessedImages]:
+        pixels = self._pixels(conversation.images())
+        counts = pixels.image_token_counts(self.config.tokens_per_crop(self.crop_size))
+        return encode_prompt(self.tokenizer, conversation.messages(), counts), pixels
+
+    def reply(self, conversation: Conversation, options: GenerationOptions | None = None) -> Reply:
+        options = options or GenerationOptions()
+        ids, pixels = self.prompt_ids(conversation)
+        reply = Reply(iter(()))
+        reply._chunks = self._stream(reply, ids, pixels, options)
+        return reply
+
+    def _stream(self, reply: Reply, ids: list[int], pixels: ProcessedImages,
+                options: GenerationOptions) -> Iterator[str]:
+        stats = reply.stats
+        stats.load_s = self.load_s
+        decoder = StreamDecoder(self.tokenizer, options.stop)
+        stop_ids = self.tokenizer.stop_ids
+        has_pixels = pixels.num_crops > 0
+        started = time.perf_counter()
+        first_at = None
+        tokens = self.session.generate(
+            ids,
+            pixels.pixel_values if has_pixels else None,
+            pixels.pixel_mask if has_pixels else None,
+            max_new_tokens=options.max_tokens,
+            sampling=options.sampling,
+            stop_ids=stop_ids,
+        )
+        hit_stop = False
+        try:
+            for token in tokens:
+                if first_at is None:
+                    first_at = time.perf_counter()
+                    stats.prompt_tokens = len(ids)
+                    stats.prefilled_tokens = self.session.stats.prefilled_tokens
+                reply.tokens.append(token)
+                chunk = decoder.push(token)
+                if chunk:
+                    yield chunk
+                if decoder.stopped:  # a user stop string: the rest is not wanted
+                    hit_stop = True
+                    break
+            else:
+                # The generator ended by itself: a stop token, or the token / context limit.
+                hit_stop = len(reply.tokens) < options.max_tokens and not self._context_full()
+            tail = decoder.finish()
+            if tail:
+                yield tail
+        finally:
+            tokens.close()
+            ended = time.perf_counter()
+            if first_at is None:  # stopped before any token: the prefill was the whole work
+                first_at = ended
+                stats.prompt_tokens = len(ids)
+                stats.prefilled_tokens = self.session.stats.prefilled_tokens
+            stats.ttft_s = first_at - started
+            stats.completion_tokens = len(reply.tokens)
+            stats.prefill_tokens_per_s = stats.prefilled_tokens / max(stats.ttft_s, 1e-9)
+            if len(reply.tokens) > 1:
+                stats.decode_tokens_per_s = (len(reply.tokens) - 1) / max(ended - first_at, 1e-9)
+            stats.peak_host_bytes = _peak_rss_bytes()
+            if torch.cuda.is_available() and self.model.device.type == "cuda":
+                stats.peak_device_bytes = torch.cuda.max_memory_allocated(self.model.device)
+            if reply.finish_reason != "interrupted":
+                reply.finish_reason = "stop" if hit_stop else "length"
+
+    def _context_full(self) -> bool:
+        return len(self.session.cached) + 1 >= self.session.max_len
+
+    def reset(self) -> None:
+        """Forget the cached conversation (the next reply prefills from scratch)."""
+        self.session.reset()
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
