@@ -1,0 +1,208 @@
+"""The planner: exact byte counts against hand arithmetic from ARIA_SPEC §1.5 and against really
+quantized tensors, budgets respected and used, clear errors, and the bandwidth bound by hand."""
+
+import json
+
+import pytest
+import torch
+
+from quant import get_scheme
+from runtime.config import AriaConfig
+from runtime.errors import PlacementError, UsageError
+from runtime.known_configs import aria_config_dict
+from runtime.model import build_model, init_random_weights
+from runtime.placement import (
+    CACHE,
+    DEVICE,
+    HOST,
+    Bandwidths,
+    card_plans,
+    plan_placement,
+)
+from runtime.plan_table import PLAN_COLUMNS, SUMMARY_COLUMNS, plan_rows, summary_rows
+from runtime.tiny_checkpoint import tiny_config
+from runtime.weight_bytes import ATTENTION, ROUTED, SHARED, weight_bytes
+
+GIB = 2**30
+
+# ARIA_SPEC §1.5, by hand from the tensor shapes.
+LAYERS, EXPERTS, H, I, SHARED_W = 28, 64, 2560, 1664, 3328
+ATTENTION_PARAMS = LAYERS * 4 * H * H  # 734,003,200
+EXPERT_PARAMS = H * 2 * I + I * H  # 12,779,520
+ROUTED_PARAMS = LAYERS * EXPERTS * EXPERT_PARAMS  # 22,900,899,840
+SHARED_PARAMS = LAYERS * 3 * H * SHARED_W  # 715,653,120
+QUANTIZABLE = 24_350_556_160  # attention + routed + shared
+OTHER = 956_752_752  # embeddings, lm_head, vision, projector, routers, norms
+TOTAL_BF16 = 50_614_617_824
+# int8 stores one float32 scale per output row of every quantized matrix.
+ROWS_PER_LAYER = 4 * H + EXPERTS * (2 * I + H) + (SHARED_W + SHARED_W + H)
+
+
+@pytest.fixture(scope="module")
+def aria():
+    return AriaConfig.from_dict(aria_config_dict())
+
+
+def test_spec_arithmetic_is_self_consistent():
+    assert ATTENTION_PARAMS + ROUTED_PARAMS + SHARED_PARAMS == QUANTIZABLE
+    assert (QUANTIZABLE + OTHER) * 2 == TOTAL_BF16
+
+
+def test_bf16_bytes_of_the_real_model(aria):
+    b = weight_bytes(aria, None, torch.bfloat16)
+    assert b.total == TOTAL_BF16
+    assert b.routed == 2 * ROUTED_PARAMS
+    assert b.expert == 2 * EXPERT_PARAMS
+    assert b.dense == TOTAL_BF16 - 2 * ROUTED_PARAMS
+
+
+@pytest.mark.parametrize(
+    "name, quantized_bytes",
+    [
+        # int4 group 128: half a byte per weight + bf16 scale and zero per 128 weights.
+        ("int4", QUANTIZABLE // 2 + QUANTIZABLE // 128 * 4),
+        # int8 per channel: a byte per weight + a float32 scale per output row.
+        ("int8", QUANTIZABLE + LAYERS * ROWS_PER_LAYER * 4),
+        # nf4 blocks of 64: half a byte per weight + a float32 absmax per 64 weights.
+        ("nf4", QUANTIZABLE // 2 + QUANTIZABLE // 64 * 4),
+    ],
+)
+def test_quantized_bytes_of_the_real_model(aria, name, quantized_bytes):
+    b = weight_bytes(aria, get_scheme(name), torch.bfloat16)
+    assert b.total == quantized_bytes + 2 * OTHER
+    assert b.families[ATTENTION] + b.families[ROUTED] + b.families[SHARED] == quantized_bytes
+    assert b.routed == b.expert * LAYERS * EXPERTS
+
+
+def test_int4_numbers_match_the_design_table(aria):
+    # DESIGN.md: int4 routed experts 12.2 GB, everything else 2.7 GB, whole model 14.9 GB.
+    b = weight_bytes(aria, get_scheme("int4"), torch.bfloat16)
+    assert round(b.routed / 1e9, 1) == 12.2
+    assert round(b.dense / 1e9, 1) == 2.7
+    assert abs(b.total / 1e9 - 14.9) < 0.06  # 14.85: the table rounds its two parts first
+
+
+@pytest.mark.parametrize("scheme", [get_scheme("int8"), get_scheme("int4", group_size=32), get_scheme("nf4")])
+def test_tiny_model_bytes_equal_really_quantized_tensors(scheme):
+    # hidden 64 / expert width 48: some matrices fit each scheme's shape rules and some do not
+    # (those stay float, as the converter leaves them).
+    config = tiny_config(hidden_size=64, moe_intermediate_size=48)
+    model = init_random_weights(build_model(config, device="cpu"), seed=0)
+    quantized = re_quantized = 0
+    expected = 0
+    for name, param in model.named_parameters():
+        is_expert = name.endswith(("experts.fc1.weight", "experts.fc2.weight"))
+        text_layer = name.startswith("language_model.model.layers.")
+        quantizable = text_layer and (is_expert or ".self_attn." in name or ".shared_experts." in name)
+        weight = param.detach().transpose(-1, -2) if is_expert else param.detach()
+        if quantizable and scheme.why_unsupported(weight.shape) is None:
+            packed = scheme.quantize(weight)
+            expected += sum(t.numel() * t.element_size() for t in packed.values())
+            quantized += 1
+        else:
+            expected += param.numel() * 4  # float32
+            re_quantized += quantizable
+    assert quantized and (scheme.name == "int8" or re_quantized)  # both paths exercised
+    assert weight_bytes(config, scheme, torch.float32).total == expected
+
+
+def test_kv_cache_is_280_kib_per_token(aria):
+    plan = plan_placement(aria, 80 * GIB, context=8192)
+    assert plan.kv_bytes == 286_720 * 8192
+
+
+@pytest.mark.parametrize("card, scheme", [(c, s) for c in (16, 24, 48, 80) for s in ("bf16", "int8", "int4")])
+def test_card_plans_stay_within_and_use_the_budget(aria, card, scheme):
+    plan = plan_placement(aria, card * GIB, context=8192, scheme=scheme)
+    assert plan.device_bytes <= plan.budget
+    cached = [lp for lp in plan.layers if lp.where == CACHE]
+    if cached:
+        # Greedy fill: no room is left for one more slot.
+        assert plan.budget - plan.device_bytes < plan.slot_bytes
+        assert all(0 < lp.slots < EXPERTS for lp in cached)
+        assert plan.host_bytes == LAYERS * EXPERTS * plan.expert_bytes
+    else:
+        assert all(lp.where == DEVICE for lp in plan.layers)
+        assert plan.host_bytes == 0
+
+
+def test_the_promises_of_the_design(aria):
+    def on_device(card, scheme):
+        return plan_placement(aria, card * GIB, context=8192, scheme=scheme).experts_on_device_fraction
+
+    assert on_device(24, "int4") == 1.0  # int4 fits a 24 GB card whole
+    assert on_device(24, "int8") < 1.0  # int8 on 24 GB needs offloaded experts
+    assert on_device(48, "bf16") < 1.0 < on_device(48, "int8") + 1e-9
+    assert on_device(80, "bf16") == 1.0
+    # More memory never means fewer experts on the device.
+    for scheme in ("bf16", "int8", "int4"):
+        fractions = [on_device(c, scheme) for c in (16, 24, 48, 80)]
+        assert fractions == sorted(fractions)
+
+
+def test_impossible_budget_says_what_would_fit(aria):
+    with pytest.raises(PlacementError) as info:
+        plan_placement(aria, 16 * GIB, context=65536, scheme="bf16")
+    message = str(info.value)
+    assert "\n" not in message and "needs at least" in message and "GB" in message
+    suggested = int(message.split("--max-context ")[1].split()[0])
+    plan = plan_placement(aria, 16 * GIB, context=suggested, scheme="bf16")
+    assert plan.device_bytes <= 16 * GIB
+    with pytest.raises(PlacementError):
+        plan_placement(aria, 16 * GIB, context=suggested + 1024, scheme="bf16")
+
+
+def test_expert_slots_that_do_not_fit_name_the_most_that_do(aria):
+    with pytest.raises(PlacementError) as info:
+        plan_placement(aria, 16 * GIB, context=8192, scheme="int4", expert_slots=64)
+    message = str(info.value)
+    assert "--expert-slots 64" in message and "--cpu-moe" in message
+    most = int(message.split("at most ")[1].split()[0])
+    plan = plan_placement(aria, 16 * GIB, context=8192, scheme="int4", expert_slots=most)
+    assert {lp.slots for lp in plan.layers} == {most} and plan.device_bytes <= 16 * GIB
+    with pytest.raises(PlacementError):
+        plan_placement(aria, 16 * GIB, context=8192, scheme="int4", expert_slots=most + 1)
+
+
+def test_cpu_moe_and_n_cpu_moe(aria):
+    plan = plan_placement(aria, 24 * GIB, scheme="int4", cpu_moe=True)
+    assert all(lp.where == HOST and lp.slots == 0 for lp in plan.layers)
+    assert plan.stream_buffers == 0 and plan.experts_on_device_fraction == 0
+    plan = plan_placement(aria, 24 * GIB, scheme="int4", n_cpu_moe=5)
+    assert [lp.where for lp in plan.layers] == [HOST] * 5 + [DEVICE] * 23
+    with pytest.raises(UsageError):
+        plan_placement(aria, 24 * GIB, n_cpu_moe=29)
+    with pytest.raises(UsageError):
+        plan_placement(aria, 24 * GIB, expert_slots=65)
+
+
+def test_decode_bound_by_hand(aria):
+    bw = Bandwidths(device=1000.0, pcie=20.0, cpu=40.0)
+    plan = plan_placement(aria, 24 * GIB, context=8192, scheme="int4", bandwidth=bw)
+    assert plan.experts_on_device_fraction == 1.0
+    # Per token: attention, shared and 6 routed experts at 0.53125 B/param; routers, norms,
+    # lm_head and one embedding row in bf16 (ARIA_SPEC §1.5 active parameters).
+    quantized = LAYERS * (4 * H * H + 6 * EXPERT_PARAMS + 3 * H * SHARED_W)
+    float_params = LAYERS * (EXPERTS * H + 2 * H) + H + 100352 * H + H
+    active = quantized * 0.53125 + float_params * 2
+    assert plan.decode_tokens_per_second(0) == pytest.approx(1000e9 / active, rel=1e-9)
+    full = active + 286_720 * 8192
+    assert plan.decode_tokens_per_second(8192) == pytest.approx(1000e9 / full, rel=1e-9)
+    # All experts on the CPU: the same device reads minus the experts, plus 168 CPU passes.
+    host = plan_placement(aria, 24 * GIB, context=8192, scheme="int4", bandwidth=bw, cpu_moe=True)
+    expert = EXPERT_PARAMS * 0.53125
+    seconds = (active - LAYERS * 6 * expert) / 1000e9 + LAYERS * 6 * expert / 40e9
+    assert host.decode_tokens_per_second(0) == pytest.approx(1 / seconds, rel=1e-9)
+
+
+def test_rows_and_json(aria):
+    plan = plan_placement(aria, 24 * GIB, context=8192, scheme="int8", n_cpu_moe=2)
+    rows = plan_rows(plan)
+    assert all(len(r) == len(PLAN_COLUMNS) and all(isinstance(c, str) for c in r) for r in rows)
+    text = " ".join(" ".join(r) for r in rows)
+    assert "layers 0-1" in text and "computed on the CPU" in text and "cached in slots" in text
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert len(data["layers"]) == LAYERS and data["device_bytes"] <= data["budget_bytes"]
+    table = summary_rows(card_plans(aria, cards_gib=(8, 24), context=32768))
+    assert len(table) == 6 and all(len(r) == len(SUMMARY_COLUMNS) for r in table)
+    assert any(r[2] == "does not fit" for r in table)
