@@ -20,9 +20,11 @@ from __future__ import annotations
 import contextlib
 import glob
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from runtime.errors import CheckpointError, UsageError
 
@@ -31,6 +33,8 @@ from .hub import hub_cache_dir, hub_endpoint, hub_errors, repo_folder
 from .models import cached_snapshot, not_downloaded, parse_model
 from .settings import format_size
 from .snapshot_check import snapshot_problems
+
+T = TypeVar("T")
 
 _WANTED_NAMES = {"tokenizer.model"}
 _WANTED_SUFFIXES = (".json", ".jinja", ".safetensors")
@@ -114,13 +118,22 @@ def _download(name: str, repo_id: str, revision: str, max_workers: int) -> Downl
     total = sum(size or 0 for size in chosen.values())
     console.info(f"downloading {repo_id} ({len(chosen)} files, {format_size(total)}) into {cache}")
     progress = _ByteProgress(repo_folder(repo_id, cache), commit, chosen)
-    with _library_quiet(), progress, hub_errors(repo_id, revision):
-        path = Path(
-            snapshot_download(
-                repo_id, revision=revision, cache_dir=cache, endpoint=hub_endpoint(),
-                allow_patterns=[glob.escape(n) for n in chosen], max_workers=max_workers,
-            )
+
+    def fetch() -> str:
+        return snapshot_download(
+            repo_id, revision=revision, cache_dir=cache, endpoint=hub_endpoint(),
+            allow_patterns=[glob.escape(n) for n in chosen], max_workers=max_workers,
         )
+
+    try:
+        with _library_quiet(), progress, hub_errors(repo_id, revision):
+            path = Path(_wait_for(fetch, tick=progress.refresh))
+    except KeyboardInterrupt:
+        # The worker threads are still writing; their partial files could never be resumed
+        # (huggingface_hub names them per attempt), so remove them rather than leave litter.
+        progress.discard_partials()
+        console.info(f"completed files are kept; run `aria download {name}` again to resume")
+        raise
     if path.name != commit:  # the repo moved on between the listing and the download
         commit, chosen = _listing(repo_id, path.name)
     problems = snapshot_problems(path, chosen)
@@ -136,6 +149,31 @@ def _download(name: str, repo_id: str, revision: str, max_workers: int) -> Downl
             f"download of {repo_id} is incomplete: {problems[0]}{more}; run `aria download {name}` again"
         )
     return DownloadResult(name, repo_id, revision, commit, path, tuple(sorted(chosen)), total)
+
+
+def _wait_for(work: Callable[[], T], tick: Callable[[], None]) -> T:
+    """Run `work` in a helper thread while this one ticks the progress and stays responsive.
+
+    snapshot_download waits for its thread pool in a way Ctrl-C cannot interrupt until every file
+    in flight is done; waiting here instead lets Ctrl-C through at once (AriaTyper then exits
+    without waiting for the pool).
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread, which raises it
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, name="aria-download", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.25)
+        tick()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 @contextlib.contextmanager
@@ -160,8 +198,8 @@ def _library_quiet() -> Iterator[None]:
 class _ByteProgress:
     """A byte progress bar on stderr, fed by watching the cache rather than the library's internals.
 
-    Bytes done = listed files already in the snapshot + partial `blobs/*.incomplete` files. Only
-    drawn on a terminal and without --quiet; otherwise the start/finish lines say enough.
+    Bytes done = listed files already in the snapshot + this run's partial `blobs/*.incomplete`
+    files. Drawn only on a terminal and without --quiet; otherwise the start/finish lines say enough.
     """
 
     def __init__(self, storage: Path, commit: str, files: Mapping[str, int | None]):
@@ -169,19 +207,34 @@ class _ByteProgress:
         self._snapshot = storage / "snapshots" / commit
         self._files = files
         self._total = sum(size or 0 for size in files.values())
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._progress = None
+        self._started = time.time() - 1  # file times can be coarser than the clock
+        self._bar: Any = None
+        self._task: Any = None
+
+    def _partials(self) -> list[Path]:
+        # Only this run's: an interrupted run of an older huggingface_hub may have left some behind.
+        found = []
+        for partial in (self._storage / "blobs").glob("*.incomplete"):
+            with contextlib.suppress(OSError):  # renamed into place while we looked
+                if partial.stat().st_mtime >= self._started:
+                    found.append(partial)
+        return found
 
     def bytes_done(self) -> int:
         done = 0
-        for name in self._files:
+        for path in [*(self._snapshot / name for name in self._files), *self._partials()]:
             with contextlib.suppress(OSError):
-                done += (self._snapshot / name).stat().st_size
-        for partial in (self._storage / "blobs").glob("*.incomplete"):
-            with contextlib.suppress(OSError):  # renamed into place while we looked
-                done += partial.stat().st_size
+                done += path.stat().st_size
         return min(done, self._total)
+
+    def discard_partials(self) -> None:
+        for partial in self._partials():
+            with contextlib.suppress(OSError):
+                partial.unlink()
+
+    def refresh(self) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.bytes_done())
 
     def __enter__(self) -> None:
         if console.is_quiet() or not console.stderr_is_terminal():
@@ -195,23 +248,13 @@ class _ByteProgress:
             TransferSpeedColumn,
         )
 
-        self._progress = Progress(
+        self._bar = Progress(
             TextColumn("downloading"), BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn(),
             TimeRemainingColumn(), console=console.err, transient=True,
         )
-        task = self._progress.add_task("download", total=self._total, completed=self.bytes_done())
-        self._progress.start()
-
-        def poll() -> None:
-            while not self._stop.wait(0.25):
-                self._progress.update(task, completed=self.bytes_done())
-
-        self._thread = threading.Thread(target=poll, name="aria-download-progress", daemon=True)
-        self._thread.start()
+        self._task = self._bar.add_task("download", total=self._total, completed=self.bytes_done())
+        self._bar.start()
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        if self._progress is not None:
-            self._progress.stop()
+        if self._bar is not None:
+            self._bar.stop()

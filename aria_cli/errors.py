@@ -13,7 +13,9 @@ script and for Typer's CliRunner in tests.
 from __future__ import annotations
 
 import errno
+import os
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -103,3 +105,23 @@ class AriaGroup(TyperGroup):
 
     def invoke(self, ctx: Any) -> Any:
         return _guarded(ctx, lambda: super(AriaGroup, self).invoke(ctx))
+
+
+class AriaTyper(typer.Typer):
+    """The app object behind the `aria` script and `python -m aria_cli` (tests use CliRunner instead).
+
+    After Ctrl-C, Python would wait for worker threads to finish before exiting (thread pools are
+    joined at exit even when their threads are daemons): for a download, until every file in
+    flight is complete, which can be minutes. When other threads are still running, exit at once.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except SystemExit as exit_:
+            busy = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
+            if exit_.code == EXIT_INTERRUPTED and busy:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(EXIT_INTERRUPTED)
+            raise

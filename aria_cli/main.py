@@ -6,13 +6,11 @@ AriaGroup (errors.py); shared flags come from options.py (`@with_options(...)`).
 
 from __future__ import annotations
 
-import typer
-
 from . import console
-from .errors import AriaGroup
+from .errors import AriaGroup, AriaTyper
 from .model_commands import download, models, rm
 
-app = typer.Typer(
+app = AriaTyper(
     cls=AriaGroup,
     name="aria",
     help="Ask the Aria multimodal model about your images, on one GPU or on the CPU.",

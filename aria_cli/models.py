@@ -156,16 +156,12 @@ def _aria_variant(folder: Path) -> str | None:
     from runtime.config import load_config
 
     try:
-        load_config(folder)
+        config = load_config(folder)
         raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (ConfigError, OSError, ValueError):
         return None
-    quant = raw.get("quantization_config")
-    if isinstance(quant, dict):
-        for key in ("scheme", "quant_type", "quant_method"):
-            if isinstance(quant.get(key), str):
-                return quant[key]
-        return "quantized"
+    if config.quantization:  # written by `aria quantize`
+        return str(config.quantization["scheme"])
     text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
     return str(raw.get("torch_dtype") or raw.get("dtype") or text.get("torch_dtype") or "bfloat16")
 

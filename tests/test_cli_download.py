@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -87,6 +88,8 @@ class FakeHub:
         self.repos: dict[str, dict] = {}
         self.requests: list[tuple[str, str, dict]] = []  # (method, path, lower-cased headers)
         self.die_during: str | None = None  # file whose GET is cut half-way, after which the server dies
+        self.stall_during: str | None = None  # file whose GET sends half, then hangs until `release`
+        self.release = threading.Event()
         self.dead = threading.Event()
         self._server: ThreadingHTTPServer | None = None
 
@@ -127,6 +130,7 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
+        self.release.set()
         if self._server is not None and not self.dead.is_set():
             self.dead.set()
             self._server.shutdown()
@@ -189,6 +193,12 @@ class FakeHub:
                 h.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
             h.end_headers()
             if head:
+                return
+            if name == self.stall_during:
+                h.wfile.write(body[: len(body) // 2])
+                h.wfile.flush()
+                self.release.wait(60)
+                h.close_connection = True
                 return
             if name == self.die_during:
                 h.wfile.write(body[start:start + (len(body) - start) // 2])
@@ -325,6 +335,31 @@ def test_missing_shard_is_never_success_and_a_fixed_repo_completes(hub, env):
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == str(snapshot_dir(env, fixed))
     assert hub.file_gets() - gets == 1 and hub.file_gets("model-00002-of-00002.safetensors") == 1
+
+
+def test_ctrl_c_stops_at_once_in_a_real_process_and_leaves_no_partial_files(hub, env):
+    big = "model-00002-of-00002.safetensors"
+    hub.stall_during = big
+    proc = subprocess.Popen([sys.executable, "-m", "aria_cli", "download", REPO], env=dict(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    blobs = env / "hf" / "hub" / ("models--" + REPO.replace("/", "--")) / "blobs"
+    deadline = time.monotonic() + 30
+    while not list(blobs.glob("*.incomplete")) and time.monotonic() < deadline:  # half of `big` has arrived
+        time.sleep(0.05)
+    assert list(blobs.glob("*.incomplete"))
+    proc.send_signal(signal.SIGINT)
+    # Without the immediate exit this would hang until the stalled transfer is released (never, here).
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert err.splitlines()[-2:] == [f"completed files are kept; run `aria download {REPO}` again to resume",
+                                     "interrupted"]
+    assert out == ""
+    assert not list(blobs.glob("*.incomplete"))
+    hub.stall_during = None
+    hub.release.set()
+    result = run("download", REPO)
+    assert result.exit_code == 0, result.stderr
+    assert hub.file_gets(big) == 2
 
 
 def test_offline_flag_makes_no_request(hub, env):

@@ -152,7 +152,7 @@ def test_models_lists_cache_and_local_quantized_and_skips_other_models(env, monk
     other = write_cached_repo(env, "someone/bert")  # not an Aria config: not listed
     (other / "config.json").unlink()
     (other / "config.json").write_text('{"model_type": "bert"}')
-    quant_config = dict(TINY_CONFIG, quantization_config={"scheme": "int4"})
+    quant_config = dict(TINY_CONFIG, quantization={"scheme": "int4", "group_size": 128})
     write_checkpoint(quantized_model_dir("int4"), env / "s3", config=quant_config)
 
     result = CliRunner().invoke(app, ["models", "--json"])
