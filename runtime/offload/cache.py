@@ -64,9 +64,11 @@ class ExpertCache:
             return None
         return min(candidates, key=lambda e: (self.score(e), self._last_use[e], e))
 
-    def admit(self, expert: int, protected: Collection[int] = (), bonus: float = 0.0) -> tuple[int, int | None] | None:
-        """Give `expert` a slot if one is free or its score (+ `bonus`) beats the victim's.
+    def admit(self, expert: int, protected: Collection[int] = (), upcoming: bool = False) -> tuple[int, int | None] | None:
+        """Give `expert` a slot if one is free or its score beats the victim's.
 
+        `upcoming`: the use is predicted for the next step (prefetch), not yet recorded; scores
+        are compared as they will be then, this use included.
         Returns (slot, evicted expert or None), or None if not admitted.
         """
         if expert in self.slot_of:
@@ -78,7 +80,12 @@ class ExpertCache:
             evicted = None
         else:
             evicted = self.victim(protected)
-            if evicted is None or self.score(expert) + bonus <= self.score(evicted):
+            if evicted is None:
+                return None
+            mine, theirs = self.score(expert), self.score(evicted)
+            if upcoming:
+                mine, theirs = mine * self.decay + 1.0, theirs * self.decay
+            if mine <= theirs:
                 return None
             slot = self.slot_of.pop(evicted)
         self.expert_in[slot] = expert

@@ -179,7 +179,7 @@ class OffloadedExperts(nn.Module):
         stats = self.ctx.stats.phase(tokens)
         protected = set(experts)
         for e in experts:
-            if e in self.cache or self.cache.admit(e, protected, bonus=1.0) is None:
+            if e in self.cache or self.cache.admit(e, protected, upcoming=True) is None:
                 continue
             self._load_slot(e, stats, prefetched=True)
             stats.prefetched += 1

@@ -1,0 +1,248 @@
+"""The offload engine on a tiny model with "device" and "host" both on the CPU: the same greedy
+tokens as the all-resident model for every cache size and miss policy, memory placed as planned,
+prefill fetching each needed expert once, and stats that agree with the routing."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from quant import get_scheme
+from runtime.generate import Session
+from runtime.model import build_model, init_random_weights
+from runtime.moe import routed_sum
+from runtime.offload import Costs, OffloadedExperts, QuantizedExpertCodec, apply_offload
+from runtime.placement import CACHE, DEVICE, LayerPlacement, plan_placement
+from runtime.tiny_checkpoint import tiny_config
+
+PROMPT = list(range(20, 44))  # 24 tokens, none of them the image token (9)
+NEW_TOKENS = 10
+BIG = 10**12  # a budget that never binds; slot counts come from expert_slots
+
+
+@pytest.fixture(scope="module")
+def config():
+    return tiny_config(num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def base(config):
+    return init_random_weights(build_model(config, device="cpu", dtype=torch.float32), seed=3)
+
+
+def generate(model):
+    session = Session(model, 64)
+    tokens = list(session.generate(PROMPT, max_new_tokens=NEW_TOKENS))
+    return tokens, session
+
+
+def prompt_logits(model):
+    return Session(model, 64).prefill(PROMPT)
+
+
+@pytest.fixture(scope="module")
+def reference(base):
+    return generate(base)[0], prompt_logits(base)
+
+
+def offloaded(base, config, **plan_options):
+    engine_options = {k: plan_options.pop(k) for k in ("miss_policy", "prefetch", "costs", "decay") if k in plan_options}
+    model = copy.deepcopy(base)
+    plan = plan_placement(config, plan_options.pop("budget", BIG), context=64, dtype=torch.float32, **plan_options)
+    engine = apply_offload(model, plan, "cpu", "cpu", **engine_options)
+    return model, engine, plan
+
+
+@pytest.mark.parametrize("policy", ["auto", "fetch", "cpu"])
+def test_same_tokens_for_every_cache_size(base, config, reference, policy):
+    tokens, logits = reference
+    for slots in range(config.text.moe_num_experts + 1):
+        model, engine, plan = offloaded(base, config, expert_slots=slots, miss_policy=policy)
+        assert generate(model)[0] == tokens, f"{slots} slots, {policy}"
+        torch.testing.assert_close(prompt_logits(model), logits, rtol=1e-5, atol=1e-5)
+        if slots < config.text.moe_num_experts:
+            assert len(engine.layers) == 3 and all(lp.slots == slots for lp in plan.layers)
+
+
+@pytest.mark.parametrize("options", [{"cpu_moe": True}, {"n_cpu_moe": 1, "expert_slots": 2}, {"prefetch": False,
+                                     "expert_slots": 3}])
+def test_same_tokens_with_host_layers_and_without_prefetch(base, config, reference, options):
+    model, engine, _ = offloaded(base, config, **options)
+    assert generate(model)[0] == reference[0]
+    host_layers = [layer for layer, e in engine.layers.items() if e.host_only]
+    assert host_layers == ([0, 1, 2] if options.get("cpu_moe") else [0] if options.get("n_cpu_moe") else [])
+
+
+def test_memory_is_placed_as_planned(base, config):
+    # A budget with room for exactly 3 slots per layer beyond the fixed parts.
+    probe = plan_placement(config, BIG, context=64, dtype=torch.float32, expert_slots=0)
+    fixed = probe.dense_bytes + probe.kv_bytes + probe.workspace_bytes + probe.stream_bytes
+    budget = fixed + 3 * 3 * probe.slot_bytes + probe.slot_bytes - 1
+    model, engine, plan = offloaded(base, config, budget=budget)
+    assert [lp.slots for lp in plan.layers] == [3, 3, 3]
+    ledger = engine.ledger
+    assert ledger.device["weights"] == plan.dense_bytes + plan.resident_expert_bytes
+    assert ledger.device["expert slots"] == plan.slot_total_bytes == 9 * plan.slot_bytes
+    assert ledger.device["stream buffers"] == plan.stream_bytes
+    assert ledger.host["expert store"] == plan.host_bytes
+    session = Session(model, 64)  # the KV cache the plan budgeted
+    kv = sum(t.numel() * t.element_size() for t in session.cache.keys + session.cache.values)
+    assert kv == plan.kv_bytes
+    assert ledger.device_total + kv + plan.workspace_bytes <= budget
+    # Expert weights in model parameters (on the device) are gone for offloaded layers.
+    assert not any("experts.fc" in name for name, _ in model.named_parameters())
+
+
+def routed_experts(model, prompt):
+    """(layer, expert) pairs the all-resident model routes the prompt to, from router outputs."""
+    pairs = set()
+    hooks = []
+    for index, layer in enumerate(model.language_model.model.layers):
+        k = layer.mlp.top_k
+
+        def hook(module, args, logits, index=index, k=k):
+            for e in torch.topk(logits, k, dim=-1).indices.unique().tolist():
+                pairs.add((index, e))
+
+        hooks.append(layer.mlp.router.register_forward_hook(hook))
+    Session(model, 64).prefill(prompt)
+    for h in hooks:
+        h.remove()
+    return pairs
+
+
+def test_prefill_fetches_each_needed_expert_once_per_layer(base, config):
+    needed = routed_experts(base, PROMPT)
+    model, engine, _ = offloaded(base, config, expert_slots=0, miss_policy="fetch")
+    Session(model, 64).prefill(PROMPT)
+    prefill = engine.stats.prefill
+    assert prefill.tokens == len(PROMPT)
+    assert prefill.misses == prefill.fetched == prefill.streamed == len(needed)
+    assert prefill.hits == prefill.cpu_computed == 0
+    row = engine.layers[0].store.layout.nbytes
+    assert prefill.bytes_to_device == len(needed) * row
+
+
+def test_auto_policy_fetches_for_prefill_and_computes_decode_on_the_cpu(base, config, reference):
+    # Fake costs: a fetch costs as much as 10 tokens on the CPU.
+    costs = Costs(fetch=1.0, device=(0.0, 0.0), host=(0.0, 0.1), activation=0.0)
+    model, engine, _ = offloaded(base, config, expert_slots=2, miss_policy="auto", costs=costs, prefetch=False)
+    assert generate(model)[0] == reference[0]
+    prefill, decode = engine.stats.prefill, engine.stats.decode
+    # Prefill: 24 tokens x top-2 over 8 experts; experts routed > 10 tokens are fetched.
+    assert prefill.fetched > 0
+    assert decode.fetched == 0 and decode.cpu_computed == decode.misses > 0
+    # Decode uses = tokens x layers x top-k; hits + misses account for every one.
+    assert decode.tokens == NEW_TOKENS - 1
+    assert decode.hits + decode.misses == decode.tokens * 3 * config.text.moe_topk
+    # CPU-served decode misses admitted to the cache were copied over in the background.
+    assert decode.promoted > 0
+    stats = engine.stats.as_dict()
+    assert stats["decode"]["cpu_computed_per_token"] == pytest.approx(decode.cpu_computed / decode.tokens)
+    assert stats["decode"]["bytes_moved_per_token"] > 0
+
+
+def _silence_layer_outputs(model):
+    """Make layer 1's input equal layer 0's post-attention residual: zero layer 0's MoE output
+    and layer 1's attention output. Then the next-layer guess is exact."""
+    layers = model.language_model.model.layers
+    with torch.no_grad():
+        layers[0].mlp.experts.fc2.weight.zero_()
+        layers[0].mlp.shared_experts.down_proj.weight.zero_()
+        layers[1].self_attn.o_proj.weight.zero_()
+
+
+def greedy_steps(model, target=None):
+    """Greedy tokens after PROMPT, and the target layer's cache misses during decode alone."""
+    session = Session(model, 64)
+    logits = session.prefill(PROMPT)
+    before = target.cache.misses if target is not None else 0
+    tokens = []
+    for _ in range(NEW_TOKENS):
+        token = logits.argmax(-1)
+        tokens.append(int(token))
+        logits = session.decode(token)
+    return tokens, (target.cache.misses - before if target is not None else 0)
+
+
+@pytest.mark.parametrize("layer0", [DEVICE, CACHE])
+def test_prefetch_guesses_the_next_layer(base, config, layer0):
+    model = copy.deepcopy(base)
+    _silence_layer_outputs(model)
+    plan = plan_placement(config, BIG, context=64, dtype=torch.float32, expert_slots=2)
+    layers = (LayerPlacement(0, layer0, 8 if layer0 == DEVICE else 2), LayerPlacement(1, CACHE, 2),
+              LayerPlacement(2, DEVICE, 8))
+    plan = dataclasses.replace(plan, layers=layers)
+    reference = greedy_steps(copy.deepcopy(model))[0]
+    # decay ~ 0: prefetch admission always wins, so a right guess always lands in a slot.
+    engine = apply_offload(model, plan, "cpu", "cpu", miss_policy="cpu", decay=1e-9)
+    target = engine.layers[1]
+    tokens, decode_misses = greedy_steps(model, target)
+    assert tokens == reference
+    stats = engine.stats.total()
+    assert engine.stats.decode.prefetched > 0 and stats.prefetch_used == stats.prefetched
+    # Layer 1 has exactly top-k slots and the guess is exact: every expert it needed while
+    # decoding had been copied in ahead of time.
+    assert decode_misses == 0
+
+
+def test_without_prefetch_the_same_layer_misses(base, config):
+    model = copy.deepcopy(base)
+    _silence_layer_outputs(model)
+    plan = plan_placement(config, BIG, context=64, dtype=torch.float32, expert_slots=2)
+    engine = apply_offload(model, plan, "cpu", "cpu", miss_policy="cpu", decay=1e-9, prefetch=False)
+    assert greedy_steps(model, engine.layers[1])[1] > 0  # the test above is not vacuous
+
+
+class _ResidentQuantized(nn.Module):
+    """Stand-in for a quantized expert store: every expert's prepared payload on the device."""
+
+    def __init__(self, codec, device):
+        super().__init__()
+        self.codec = codec
+        self.payloads = [codec.payload(e, device) for e in range(codec.num_experts)]
+
+    def expert_codec(self):
+        return self.codec
+
+    def forward(self, x, top_idx, top_w):
+        return routed_sum(x, top_idx, top_w, self.codec.num_experts,
+                          lambda e, rows: self.codec.compute(self.payloads[e], rows))
+
+
+def _quantize_experts(model, scheme):
+    for layer in model.language_model.model.layers:
+        experts = layer.mlp.experts
+        fc1 = scheme.quantize(experts.fc1.weight.detach().transpose(1, 2))
+        fc2 = scheme.quantize(experts.fc2.weight.detach().transpose(1, 2))
+        layer.mlp.experts = _ResidentQuantized(QuantizedExpertCodec(scheme, fc1, fc2, torch.float32), "cpu")
+    return model
+
+
+@pytest.mark.parametrize("scheme", [get_scheme("int8"), get_scheme("int4", group_size=32)])
+def test_quantized_experts_offload_like_float_ones(base, config, scheme):
+    quantized = _quantize_experts(copy.deepcopy(base), scheme)
+    tokens = generate(quantized)[0]
+    for slots, policy in ((0, "fetch"), (0, "cpu"), (3, "fetch"), (3, "cpu"), (5, "auto")):
+        model = _quantize_experts(copy.deepcopy(base), scheme)
+        plan = plan_placement(config, BIG, context=64, scheme=scheme, dtype=torch.float32, expert_slots=slots)
+        engine = apply_offload(model, plan, "cpu", "cpu", miss_policy=policy)
+        assert generate(model)[0] == tokens, f"{scheme.name}, {slots} slots, {policy}"
+        assert all(isinstance(layer.mlp.experts, OffloadedExperts) for layer in model.language_model.model.layers)
+        assert engine.ledger.device.get("expert slots", 0) == 3 * slots * plan.slot_bytes
+
+
+def test_quantized_codec_computes_the_dequantized_expert():
+    gen = torch.Generator().manual_seed(0)
+    fc1, fc2 = torch.randn(2, 64, 32, generator=gen) / 6, torch.randn(2, 32, 32, generator=gen) / 6  # [E, out, in]
+    scheme = get_scheme("int8")
+    packed1, packed2 = scheme.quantize(fc1), scheme.quantize(fc2)
+    codec = QuantizedExpertCodec(scheme, packed1, packed2, torch.float32)
+    x = torch.randn(5, 32, generator=gen)
+    w1, w2 = scheme.dequantize(packed1)[1], scheme.dequantize(packed2)[1]
+    gate, up = (x @ w1.T).chunk(2, dim=-1)
+    expected = (torch.nn.functional.silu(gate) * up) @ w2.T
+    torch.testing.assert_close(codec.compute(codec.payload(1, torch.device("cpu")), x), expected,
+                               rtol=1e-4, atol=1e-4)
