@@ -46,6 +46,24 @@ def test_a_one_off_expert_does_not_push_out_a_hot_one():
     assert admitted_at == 6 and 0 not in cache
 
 
+def test_forced_and_upcoming_admission():
+    cache = ExpertCache(num_experts=4, slots=1, decay=0.9)
+    for _ in range(3):
+        cache.record({0: 1.0})
+        if 0 not in cache:
+            cache.admit(0, {0})
+    cache.record({1: 1.0})
+    assert cache.admit(1, {1}) is None  # 1 < 2.439: refused on score...
+    assert cache.admit(1, {1}, force=True) == (0, 0)  # ...but a fetched miss is admitted anyway
+    # A prefetch guess (not yet recorded) is compared as of the next step: a fresh guess
+    # (0 * 0.9 + 1 = 1) beats an expert used once in the last step (1 * 0.9).
+    cache = ExpertCache(num_experts=4, slots=1, decay=0.9)
+    cache.record({2: 1.0})
+    cache.admit(2, {2})
+    assert cache.admit(3, {3}) is None
+    assert cache.admit(3, {3}, upcoming=True) == (0, 2)
+
+
 def _lru_reference(trace, slots):
     """Hits of a textbook LRU cache (always admit, evict the least recently used)."""
     cache, hits = OrderedDict(), 0
@@ -65,12 +83,12 @@ def _lru_reference(trace, slots):
     return hits
 
 
-def _replay(cache, trace):
+def _replay(cache, trace, force=False):
     for step in trace:
         cache.record({e: 1.0 for e in step})
         for e in step:
             if e not in cache:
-                cache.admit(e, set(step))
+                cache.admit(e, set(step), force=force)
     return cache.hits
 
 
@@ -80,6 +98,7 @@ def test_tiny_decay_is_lru():
     trace = [[rng.randrange(8)] for _ in range(400)]
     for slots in (2, 3, 5):
         assert _replay(ExpertCache(8, slots, decay=1e-6), trace) == _lru_reference(trace, slots)
+        assert _replay(ExpertCache(8, slots, decay=1e-6), trace, force=True) == _lru_reference(trace, slots)
 
 
 def test_no_decay_is_lfu():

@@ -7,8 +7,10 @@ count forever). In between, an expert that is used often stays even if it skippe
 tokens, and one that stopped being used fades out (LRFU, Lee et al. 2001).
 
 Eviction takes the cached expert with the lowest score (ties: least recently used, then lowest
-id). Admission is frequency-aware too (TinyLFU's idea): a missed expert takes a slot from a
-cached one only if its score is higher, so a one-off expert does not push out a hot one.
+id). Admission depends on what it costs. A miss that is fetched anyway is always admitted: its
+bytes already cross the bus, and a just-used expert is a good bet for the next token. A miss
+computed on the CPU would need an extra copy to be cached, so it is admitted only if its score
+beats the victim's (TinyLFU's idea): one-off experts stay on the CPU, hot ones move in.
 Experts in use in the current step are protected: their slots cannot be taken mid-step.
 """
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 
-DEFAULT_DECAY = 0.9
+DEFAULT_DECAY = 0.95
 
 
 class ExpertCache:
@@ -64,8 +66,10 @@ class ExpertCache:
             return None
         return min(candidates, key=lambda e: (self.score(e), self._last_use[e], e))
 
-    def admit(self, expert: int, protected: Collection[int] = (), upcoming: bool = False) -> tuple[int, int | None] | None:
-        """Give `expert` a slot if one is free or its score beats the victim's.
+    def admit(
+        self, expert: int, protected: Collection[int] = (), *, force: bool = False, upcoming: bool = False
+    ) -> tuple[int, int | None] | None:
+        """Give `expert` a slot: a free one, or the victim's if `force` or if its score is higher.
 
         `upcoming`: the use is predicted for the next step (prefetch), not yet recorded; scores
         are compared as they will be then, this use included.
@@ -85,7 +89,7 @@ class ExpertCache:
             mine, theirs = self.score(expert), self.score(evicted)
             if upcoming:
                 mine, theirs = mine * self.decay + 1.0, theirs * self.decay
-            if mine <= theirs:
+            if not force and mine <= theirs:
                 return None
             slot = self.slot_of.pop(evicted)
         self.expert_in[slot] = expert

@@ -107,8 +107,9 @@ class OffloadedExperts(nn.Module):
         in_slots, streamed, on_host, promote = [], [], [], []
         protected = set(used)
         for e in misses:
-            admitted = self.cache.admit(e, protected) is not None
-            if self._serve(counts[e]) == FETCH:
+            serve = self._serve(counts[e])
+            admitted = self.cache.admit(e, protected, force=serve == FETCH) is not None
+            if serve == FETCH:
                 (in_slots if admitted else streamed).append(e)
             else:
                 on_host.append(e)
@@ -172,14 +173,19 @@ class OffloadedExperts(nn.Module):
         self._streaming[expert] = (index, ready)
         stats.bytes_to_device += row.numel()
 
-    def prefetch(self, experts: list[int], tokens: int) -> None:
-        """Start copying guessed experts of this layer into slots the cache admits them to."""
+    def prefetch(self, guessed: dict[int, int], tokens: int) -> None:
+        """Start copying guessed experts (expert -> tokens guessed for it) into slots the cache
+        admits them to. A guess whose miss would be fetched anyway is always admitted: copying
+        it now costs nothing extra; one that would run on the CPU must win on score."""
         if self.slots is None or self.host_only:
             return
         stats = self.ctx.stats.phase(tokens)
-        protected = set(experts)
-        for e in experts:
-            if e in self.cache or self.cache.admit(e, protected, upcoming=True) is None:
+        protected = set(guessed)
+        for e in sorted(guessed, key=lambda e: -guessed[e]):
+            if e in self.cache:
+                continue
+            force = self._serve(guessed[e]) == FETCH
+            if self.cache.admit(e, protected, force=force, upcoming=True) is None:
                 continue
             self._load_slot(e, stats, prefetched=True)
             stats.prefetched += 1

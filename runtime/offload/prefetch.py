@@ -31,8 +31,7 @@ class NextLayerGuess:
         logits = self.router(flat * self.ratio.to(flat.dtype))
         guess = torch.topk(logits, self.top_k, dim=-1).indices.reshape(-1)
         counts = torch.bincount(guess, minlength=self.target.num_experts).tolist()
-        experts = sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e])
-        self.target.prefetch(experts, flat.shape[0])
+        self.target.prefetch({e: c for e, c in enumerate(counts) if c}, flat.shape[0])
 
     def hook(self, module, args) -> None:
         """As a forward pre-hook on a resident layer's MoE block."""
