@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,15 +124,13 @@ def _download(name: str, repo_id: str, revision: str, max_workers: int) -> Downl
             allow_patterns=[glob.escape(n) for n in chosen], max_workers=max_workers,
         )
 
-    try:
-        with _library_quiet(), progress, hub_errors(repo_id, revision):
+    _sweep_orphaned_partials(repo_folder(repo_id, cache), cache)
+    with _library_quiet(), progress, hub_errors(repo_id, revision):
+        try:
             path = Path(_wait_for(fetch, tick=progress.refresh))
-    except KeyboardInterrupt:
-        # The worker threads are still writing; their partial files could never be resumed
-        # (huggingface_hub names them per attempt), so remove them rather than leave litter.
-        progress.discard_partials()
-        console.info(f"completed files are kept; run `aria download {name}` again to resume")
-        raise
+        except KeyboardInterrupt:
+            console.info(f"completed files are kept; run `aria download {name}` again to resume")
+            raise
     if path.name != commit:  # the repo moved on between the listing and the download
         commit, chosen = _listing(repo_id, path.name)
     problems = snapshot_problems(path, chosen)
@@ -149,6 +146,24 @@ def _download(name: str, repo_id: str, revision: str, max_workers: int) -> Downl
             f"download of {repo_id} is incomplete: {problems[0]}{more}; run `aria download {name}` again"
         )
     return DownloadResult(name, repo_id, revision, commit, path, tuple(sorted(chosen)), total)
+
+
+def _sweep_orphaned_partials(storage: Path, cache: Path) -> None:
+    """Delete partial files that no running download owns (left by an interrupted or killed run).
+
+    huggingface_hub holds `.locks/<repo folder>/<etag>.lock` while it writes
+    `blobs/<etag>.<attempt>.incomplete`, and never resumes such a per-attempt file: one whose lock
+    is free is litter. (`<etag>.incomplete`, which older huggingface_hub versions resume, is kept.)
+    """
+    from filelock import FileLock, Timeout
+
+    for partial in (storage / "blobs").glob("*.*.incomplete"):
+        etag = partial.name.split(".", 1)[0]
+        try:
+            with FileLock(str(cache / ".locks" / storage.name / f"{etag}.lock"), timeout=0):
+                partial.unlink(missing_ok=True)
+        except (Timeout, OSError):
+            continue  # a download in another process is writing it
 
 
 def _wait_for(work: Callable[[], T], tick: Callable[[], None]) -> T:
@@ -187,19 +202,23 @@ def _library_quiet() -> Iterator[None]:
     disable_progress_bars()
     if not console.is_verbose():
         hf_logging.set_verbosity_error()
+    interrupted = False
     try:
         yield
+    except KeyboardInterrupt:
+        interrupted = True  # the thread pool is still winding down: keep it quiet until exit
+        raise
     finally:
-        hf_logging.set_verbosity(level)
-        if not bars_were_off:
-            enable_progress_bars()
+        if not interrupted:
+            hf_logging.set_verbosity(level)
+            if not bars_were_off:
+                enable_progress_bars()
 
 
 class _ByteProgress:
     """A byte progress bar on stderr, fed by watching the cache rather than the library's internals.
 
-    Bytes done = listed files already in the snapshot + this run's partial `blobs/*.incomplete`
-    files. Drawn only on a terminal and without --quiet; otherwise the start/finish lines say enough.
+    Bytes done = listed files already in the snapshot + partial `blobs/*.incomplete` files. Drawn only on a terminal and without --quiet; otherwise the start/finish lines say enough.
     """
 
     def __init__(self, storage: Path, commit: str, files: Mapping[str, int | None]):
@@ -207,30 +226,16 @@ class _ByteProgress:
         self._snapshot = storage / "snapshots" / commit
         self._files = files
         self._total = sum(size or 0 for size in files.values())
-        self._started = time.time() - 1  # file times can be coarser than the clock
         self._bar: Any = None
         self._task: Any = None
 
-    def _partials(self) -> list[Path]:
-        # Only this run's: an interrupted run of an older huggingface_hub may have left some behind.
-        found = []
-        for partial in (self._storage / "blobs").glob("*.incomplete"):
-            with contextlib.suppress(OSError):  # renamed into place while we looked
-                if partial.stat().st_mtime >= self._started:
-                    found.append(partial)
-        return found
-
     def bytes_done(self) -> int:
         done = 0
-        for path in [*(self._snapshot / name for name in self._files), *self._partials()]:
-            with contextlib.suppress(OSError):
+        partials = (self._storage / "blobs").glob("*.incomplete")
+        for path in [*(self._snapshot / name for name in self._files), *partials]:
+            with contextlib.suppress(OSError):  # renamed into place while we looked
                 done += path.stat().st_size
         return min(done, self._total)
-
-    def discard_partials(self) -> None:
-        for partial in self._partials():
-            with contextlib.suppress(OSError):
-                partial.unlink()
 
     def refresh(self) -> None:
         if self._bar is not None:

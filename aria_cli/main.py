@@ -16,6 +16,7 @@ app = AriaTyper(
     help="Ask the Aria multimodal model about your images, on one GPU or on the CPU.",
     no_args_is_help=True,
     add_completion=True,  # --install-completion / --show-completion
+    rich_markup_mode="markdown",  # docstring paragraphs reflow to the terminal width
     pretty_exceptions_enable=False,  # AriaGroup prints errors; no Rich traceback walls
     context_settings={"help_option_names": ["-h", "--help"]},
 )

@@ -65,12 +65,14 @@ class RunOptions(HubOptions):
     n_cpu_moe: int
 
 
-_GEN, _RUN, _OUT = "Generation", "Runtime", "Output"
+_GEN, _RUN, _HUB, _OUT = "Generation", "Runtime", "Hub", "Output"
 
 
 def _default(name: str, shown: str | None = None) -> str:
     value = SETTINGS[name].default
-    return f" (default: {shown if shown is not None else value}; env ARIA_{name.upper()})"
+    if shown is None:
+        shown = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else str(value)
+    return f" (default: {shown}; env ARIA_{name.upper()})"
 
 
 def _text(*names: str, help: str, panel: str, metavar: str, name: str, shown: str | None = None) -> Any:
@@ -121,7 +123,7 @@ DECLARATIONS: dict[str, Any] = {
                      help="Keep all routed experts in CPU memory and compute them there."),
     "n_cpu_moe": _text("--n-cpu-moe", name="n_cpu_moe", panel=_RUN, metavar="N",
                        help="Keep the routed experts of the first N layers on the CPU."),
-    "offline": _flag("--offline/--online", name="offline", panel=_RUN,
+    "offline": _flag("--offline/--online", name="offline", panel=_HUB,
                      help="Use only downloaded models; make no network call (also HF_HUB_OFFLINE=1)."),
     "verbose": _flag("-v", "--verbose", name="verbose", panel=_OUT, help="Show speed stats and details on stderr."),
     "debug": _flag("--debug", name="debug", panel=_OUT, help="Show tracebacks for errors."),
@@ -166,7 +168,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def with_options(cls: type[OutputOptions]) -> Callable[[F], F]:
     """Add the flags of option group `cls` to a Typer command; it receives them as `opts`."""
-    fields = [f.name for f in dataclasses.fields(cls)]
+    # In help, panels follow the order of DECLARATIONS (generation, runtime, hub, output).
+    fields = sorted((f.name for f in dataclasses.fields(cls)), key=list(DECLARATIONS).index)
 
     def decorate(func: F) -> F:
         signature = inspect.signature(func, eval_str=True)

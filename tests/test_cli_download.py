@@ -343,10 +343,11 @@ def test_ctrl_c_stops_at_once_in_a_real_process_and_leaves_no_partial_files(hub,
     proc = subprocess.Popen([sys.executable, "-m", "aria_cli", "download", REPO], env=dict(os.environ),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     blobs = env / "hf" / "hub" / ("models--" + REPO.replace("/", "--")) / "blobs"
+    etag = hashlib.sha256(hub.repos[REPO]["files"][big]).hexdigest()  # huggingface_hub names blobs by ETag
     deadline = time.monotonic() + 30
-    while not list(blobs.glob("*.incomplete")) and time.monotonic() < deadline:  # half of `big` has arrived
+    while not list(blobs.glob(f"{etag}*.incomplete")) and time.monotonic() < deadline:  # `big` is half there
         time.sleep(0.05)
-    assert list(blobs.glob("*.incomplete"))
+    assert list(blobs.glob(f"{etag}*.incomplete"))
     proc.send_signal(signal.SIGINT)
     # Without the immediate exit this would hang until the stalled transfer is released (never, here).
     out, err = proc.communicate(timeout=30)
@@ -354,12 +355,38 @@ def test_ctrl_c_stops_at_once_in_a_real_process_and_leaves_no_partial_files(hub,
     assert err.splitlines()[-2:] == [f"completed files are kept; run `aria download {REPO}` again to resume",
                                      "interrupted"]
     assert out == ""
-    assert not list(blobs.glob("*.incomplete"))
     hub.stall_during = None
     hub.release.set()
     result = run("download", REPO)
     assert result.exit_code == 0, result.stderr
     assert hub.file_gets(big) == 2
+    assert not list(blobs.glob("*.incomplete"))  # the interrupted run's partial files are swept
+
+
+def test_orphaned_partials_are_swept_but_locked_ones_kept(hub, env):
+    from filelock import FileLock
+
+    storage = env / "hf" / "hub" / ("models--" + REPO.replace("/", "--"))
+    (storage / "blobs").mkdir(parents=True)
+    orphan = storage / "blobs" / "aaaa.1234abcd.incomplete"
+    owned = storage / "blobs" / "bbbb.5678abcd.incomplete"
+    resumable = storage / "blobs" / "cccc.incomplete"  # older huggingface_hub resumes these: keep
+    for path in (orphan, owned, resumable):
+        path.write_bytes(b"partial")
+    lock = env / "hf" / "hub" / ".locks" / storage.name / "bbbb.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen(  # another process downloading `bbbb` holds its lock
+        [sys.executable, "-c", (f"import filelock, time\nwith filelock.FileLock({str(lock)!r}):\n"
+                               "    print('locked', flush=True)\n    time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert run("download", REPO).exit_code == 0
+        assert not orphan.exists() and owned.exists() and resumable.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert FileLock(str(lock), timeout=0).acquire()  # released with its process
 
 
 def test_offline_flag_makes_no_request(hub, env):
