@@ -10,6 +10,7 @@ from quant import get_scheme
 from runtime.config import AriaConfig
 from runtime.errors import PlacementError, UsageError
 from runtime.known_configs import aria_config_dict
+from runtime.loader import expected_quantized_shapes
 from runtime.model import build_model, init_random_weights
 from runtime.placement import (
     CACHE,
@@ -20,8 +21,10 @@ from runtime.placement import (
     plan_placement,
 )
 from runtime.plan_table import PLAN_COLUMNS, SUMMARY_COLUMNS, plan_rows, summary_rows
+from runtime.quant_targets import is_quantized
+from runtime.quantized_model import quantize_model
 from runtime.tiny_checkpoint import tiny_config
-from runtime.weight_bytes import ATTENTION, ROUTED, SHARED, weight_bytes
+from runtime.weight_bytes import weight_bytes
 
 GIB = 2**30
 
@@ -70,7 +73,8 @@ def test_bf16_bytes_of_the_real_model(aria):
 def test_quantized_bytes_of_the_real_model(aria, name, quantized_bytes):
     b = weight_bytes(aria, get_scheme(name), torch.bfloat16)
     assert b.total == quantized_bytes + 2 * OTHER
-    assert b.families[ATTENTION] + b.families[ROUTED] + b.families[SHARED] == quantized_bytes
+    f = b.families
+    assert f["attention"] + f["routed experts"] + f["shared experts"] == quantized_bytes
     assert b.routed == b.expert * LAYERS * EXPERTS
 
 
@@ -82,28 +86,35 @@ def test_int4_numbers_match_the_design_table(aria):
     assert abs(b.total / 1e9 - 14.9) < 0.06  # 14.85: the table rounds its two parts first
 
 
-@pytest.mark.parametrize("scheme", [get_scheme("int8"), get_scheme("int4", group_size=32), get_scheme("nf4")])
-def test_tiny_model_bytes_equal_really_quantized_tensors(scheme):
-    # hidden 64 / expert width 48: some matrices fit each scheme's shape rules and some do not
-    # (those stay float, as the converter leaves them).
-    config = tiny_config(hidden_size=64, moe_intermediate_size=48)
-    model = init_random_weights(build_model(config, device="cpu"), seed=0)
-    quantized = re_quantized = 0
-    expected = 0
-    for name, param in model.named_parameters():
-        is_expert = name.endswith(("experts.fc1.weight", "experts.fc2.weight"))
-        text_layer = name.startswith("language_model.model.layers.")
-        quantizable = text_layer and (is_expert or ".self_attn." in name or ".shared_experts." in name)
-        weight = param.detach().transpose(-1, -2) if is_expert else param.detach()
-        if quantizable and scheme.why_unsupported(weight.shape) is None:
-            packed = scheme.quantize(weight)
-            expected += sum(t.numel() * t.element_size() for t in packed.values())
-            quantized += 1
+@pytest.mark.parametrize("name", ["int8", "int4", "nf4"])
+def test_real_model_bytes_equal_the_quantized_checkpoint_the_loader_expects(aria, name):
+    # The loader's strict list of (name, shape) in a quantized checkpoint, sized on the meta device.
+    scheme = get_scheme(name)
+    model = build_model(aria)
+    total = 0
+    for tensor_name, shape in expected_quantized_shapes(model, scheme).items():
+        weight, _, suffix = tensor_name.rpartition(".")
+        if weight.endswith("weight") and is_quantized(weight):
+            dtype = scheme.packed_spec((32, 256))[suffix][1]  # packed dtypes do not depend on the shape
         else:
-            expected += param.numel() * 4  # float32
-            re_quantized += quantizable
-    assert quantized and (scheme.name == "int8" or re_quantized)  # both paths exercised
-    assert weight_bytes(config, scheme, torch.float32).total == expected
+            dtype = torch.bfloat16
+        total += torch.Size(shape).numel() * dtype.itemsize
+    assert weight_bytes(aria, scheme, torch.bfloat16).total == total
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "nf4"])
+def test_tiny_model_bytes_equal_the_quantized_model(name):
+    # Widths every scheme's kernels accept; the model is really quantized, tensors counted.
+    config = tiny_config(hidden_size=128, moe_intermediate_size=128, vocab_size=256)
+    model = init_random_weights(build_model(config, device="cpu"), seed=0)
+    report = quantize_model(model, get_scheme(name), torch.float32)
+    assert report.unquantized_experts() == 0
+    assert weight_bytes(config, get_scheme(name), torch.float32).families == report.after
+
+
+def test_a_scheme_that_cannot_take_the_shapes_is_refused():
+    with pytest.raises(UsageError, match="choose another --scheme"):
+        weight_bytes(tiny_config(hidden_size=64), get_scheme("int4"), torch.float32)
 
 
 def test_kv_cache_is_280_kib_per_token(aria):
