@@ -7,7 +7,10 @@ Routed expert weights are stored grouped as the checkpoints have them, [experts,
 loaded tensor is the mmap'd checkpoint tensor itself (no transpose, no copy). Experts run one
 matmul per used expert over the tokens routed to it (tokens sorted by expert), which serves both
 decode (a handful of tokens) and prefill. `routed_sum` is that dispatch, shared by every expert
-store (float, quantized, offloaded): each only says how to run one expert on some tokens.
+store (float, quantized, offloaded): each only says how to run one expert on some tokens, and the
+per-expert token counts come to the host once per layer so the store can decide per expert.
+Float experts take `grouped_routed_sum` instead where F.grouped_mm runs: the same sort, with the
+group boundaries kept on the device, so a decode step never waits for the host.
 """
 
 from __future__ import annotations
@@ -40,6 +43,19 @@ def swiglu_expert(x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor) -> torc
     return swiglu(x @ fc1) @ fc2
 
 
+def _combine(ys: torch.Tensor, order: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+    """Expert outputs in sorted order [N*k, H] -> sum_k w_k * y_k per token [N, H].
+
+    One gather back to (token, choice) order and one batched [1, k] @ [k, H] per token: far
+    cheaper on CPU than index_add_ per expert, and free of host synchronisation.
+    """
+    n, k = top_w.shape
+    y = torch.empty_like(ys)
+    y[order] = ys
+    y = y.view(n, k, ys.shape[-1])
+    return torch.bmm(top_w.unsqueeze(1).to(y.dtype), y).squeeze(1)
+
+
 def routed_sum(
     x: torch.Tensor,
     top_idx: torch.Tensor,
@@ -51,26 +67,49 @@ def routed_sum(
     """sum_k w_k * expert_{idx_k}(x) for x [N, H], top_idx/top_w [N, k] -> [N, H].
 
     Tokens are sorted by expert so each used expert runs once over all its tokens.
-    `expert_order` lets an offloaded store run resident experts first while misses arrive.
+    `expert_order` lets an offloaded store run resident experts first while misses arrive;
+    experts it leaves out contribute nothing (their share is summed by another call).
+    The per-expert token counts go to the host once: the caller's store decides per expert.
     """
     k = top_idx.shape[1]
     flat = top_idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts).tolist()
-    starts = [0] * num_experts
-    for e in range(1, num_experts):
-        starts[e] = starts[e - 1] + counts[e - 1]
-    token_of = order // k  # which token each sorted (token, choice) pair belongs to
-    weight_of = top_w.reshape(-1)[order]
-    out = torch.zeros_like(x)
+    ends = torch.bincount(flat, minlength=num_experts).cumsum(0).tolist()
+    xs = x[order // k]  # tokens in expert order: each expert's rows are one contiguous slice
+    ys = torch.zeros_like(xs)
     for expert in expert_order if expert_order is not None else range(num_experts):
-        n = counts[expert]
-        if n == 0:
+        begin = ends[expert - 1] if expert else 0
+        if begin == ends[expert]:
             continue
-        rows = slice(starts[expert], starts[expert] + n)
-        y = run_expert(expert, x[token_of[rows]]) * weight_of[rows, None]
-        out.index_add_(0, token_of[rows], y.to(out.dtype))
-    return out
+        ys[begin : ends[expert]] = run_expert(expert, xs[begin : ends[expert]])
+    return _combine(ys, order, top_w)
+
+
+def grouped_mm_supported(x: torch.Tensor) -> bool:
+    """Can F.grouped_mm run the experts for activations like `x`? (CPU: any float; CUDA: bf16, SM80+.)"""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 8
+
+
+def grouped_routed_sum(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor, fc1: torch.Tensor,
+                       fc2: torch.Tensor) -> torch.Tensor:
+    """routed_sum for float grouped weights fc1 [E, H, 2I], fc2 [E, I, H] with no host synchronisation.
+
+    Group boundaries stay on the device (searchsorted over the sorted expert ids), so decode
+    and prefill take the same path, one grouped matmul per projection, and it traces into a
+    static graph for compiled decode. Same value as routed_sum with swiglu_expert.
+    """
+    k = top_idx.shape[1]
+    flat = top_idx.reshape(-1)
+    sorted_ids, order = torch.sort(flat, stable=True)
+    experts = torch.arange(fc1.shape[0], device=flat.device, dtype=flat.dtype)
+    ends = torch.searchsorted(sorted_ids, experts, right=True).to(torch.int32)
+    xs = x[order // k]
+    ys = F.grouped_mm(swiglu(F.grouped_mm(xs, fc1, offs=ends)), fc2, offs=ends)
+    return _combine(ys, order, top_w)
 
 
 class RoutedExperts(nn.Module):
@@ -87,6 +126,8 @@ class RoutedExperts(nn.Module):
         return swiglu_expert(x, self.fc1.weight[expert], self.fc2.weight[expert])
 
     def forward(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+        if grouped_mm_supported(x):
+            return grouped_routed_sum(x, top_idx, top_w, self.fc1.weight, self.fc2.weight)
         return routed_sum(x, top_idx, top_w, self.num_experts, self.run_expert)
 
 
