@@ -7,14 +7,14 @@ import dataclasses
 
 import pytest
 import torch
-from torch import nn
 
 from quant import get_scheme
 from runtime.generate import Session
 from runtime.model import build_model, init_random_weights
-from runtime.moe import routed_sum
 from runtime.offload import Costs, OffloadedExperts, QuantizedExpertCodec, apply_offload
 from runtime.placement import CACHE, DEVICE, LayerPlacement, plan_placement
+from runtime.quant_targets import to_stored_orientation
+from runtime.quantized_model import quantize_model
 from runtime.tiny_checkpoint import tiny_config
 
 PROMPT = list(range(20, 44))  # 24 tokens, none of them the image token (9)
@@ -196,37 +196,27 @@ def test_without_prefetch_the_same_layer_misses(base, config):
     assert greedy_steps(model, engine.layers[1])[1] > 0  # the test above is not vacuous
 
 
-class _ResidentQuantized(nn.Module):
-    """Stand-in for a quantized expert store: every expert's prepared payload on the device."""
-
-    def __init__(self, codec, device):
-        super().__init__()
-        self.codec = codec
-        self.payloads = [codec.payload(e, device) for e in range(codec.num_experts)]
-
-    def expert_codec(self):
-        return self.codec
-
-    def forward(self, x, top_idx, top_w):
-        return routed_sum(x, top_idx, top_w, self.codec.num_experts,
-                          lambda e, rows: self.codec.compute(self.payloads[e], rows))
-
-
-def _quantize_experts(model, scheme):
-    for layer in model.language_model.model.layers:
-        experts = layer.mlp.experts
-        fc1 = scheme.quantize(experts.fc1.weight.detach().transpose(1, 2))
-        fc2 = scheme.quantize(experts.fc2.weight.detach().transpose(1, 2))
-        layer.mlp.experts = _ResidentQuantized(QuantizedExpertCodec(scheme, fc1, fc2, torch.float32), "cpu")
+def _quantized(base, scheme):
+    """The lead's quantized model (runtime.quantized_model), each layer's experts also given the
+    codec hook offloading needs: packed fc1/fc2 as the converter packs them."""
+    model = copy.deepcopy(base)
+    packed = [
+        [scheme.quantize(to_stored_orientation(f"{prefix}.{fc}.weight", getattr(layer.mlp.experts, fc).weight))
+         for fc in ("fc1", "fc2")]
+        for prefix, layer in ((f"language_model.model.layers.{i}.mlp.experts", layer)
+                              for i, layer in enumerate(model.language_model.model.layers))
+    ]
+    quantize_model(model, scheme, torch.float32)
+    for layer, (fc1, fc2) in zip(model.language_model.model.layers, packed):
+        layer.mlp.experts.expert_codec = lambda fc1=fc1, fc2=fc2: QuantizedExpertCodec(scheme, fc1, fc2, torch.float32)
     return model
 
 
 @pytest.mark.parametrize("scheme", [get_scheme("int8"), get_scheme("int4", group_size=32)])
-def test_quantized_experts_offload_like_float_ones(base, config, scheme):
-    quantized = _quantize_experts(copy.deepcopy(base), scheme)
-    tokens = generate(quantized)[0]
+def test_quantized_experts_offload_like_the_resident_quantized_model(base, config, scheme):
+    tokens = generate(_quantized(base, scheme))[0]
     for slots, policy in ((0, "fetch"), (0, "cpu"), (3, "fetch"), (3, "cpu"), (5, "auto")):
-        model = _quantize_experts(copy.deepcopy(base), scheme)
+        model = _quantized(base, scheme)
         plan = plan_placement(config, BIG, context=64, scheme=scheme, dtype=torch.float32, expert_slots=slots)
         engine = apply_offload(model, plan, "cpu", "cpu", miss_policy=policy)
         assert generate(model)[0] == tokens, f"{scheme.name}, {slots} slots, {policy}"
