@@ -31,7 +31,7 @@ from . import console
 from .hub import hub_cache_dir, hub_endpoint, hub_errors, repo_folder
 from .models import cached_snapshot, not_downloaded, parse_model
 from .settings import format_size
-from .snapshot_check import snapshot_problems
+from .snapshot_check import indexed_shards, snapshot_problems
 
 T = TypeVar("T")
 
@@ -133,15 +133,15 @@ def _download(name: str, repo_id: str, revision: str, max_workers: int) -> Downl
             raise
     if path.name != commit:  # the repo moved on between the listing and the download
         commit, chosen = _listing(repo_id, path.name)
+    not_on_hub = sorted(indexed_shards(path) - set(chosen))
+    if not_on_hub:  # running again cannot help: the commit itself lacks the file
+        raise CheckpointError(
+            f"{repo_id} is broken on the Hub at commit {commit[:10]}: its index names {not_on_hub[0]} but the "
+            "repo does not contain it; try another --revision or wait for the repo to be fixed"
+        )
     problems = snapshot_problems(path, chosen)
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-        first = problems[0].split(" ", 1)[0]
-        if first.endswith(".safetensors") and first not in chosen:
-            raise CheckpointError(
-                f"{repo_id} is broken on the Hub at commit {commit[:10]}: {problems[0]} but the repo does not "
-                f"contain it{more}; try another --revision or wait for the repo to be fixed"
-            )
         raise CheckpointError(
             f"download of {repo_id} is incomplete: {problems[0]}{more}; run `aria download {name}` again"
         )
@@ -218,7 +218,8 @@ def _library_quiet() -> Iterator[None]:
 class _ByteProgress:
     """A byte progress bar on stderr, fed by watching the cache rather than the library's internals.
 
-    Bytes done = listed files already in the snapshot + partial `blobs/*.incomplete` files. Drawn only on a terminal and without --quiet; otherwise the start/finish lines say enough.
+    Bytes done = listed files already in the snapshot + partial `blobs/*.incomplete` files.
+    Drawn only on a terminal and without --quiet; otherwise the start/finish lines say enough.
     """
 
     def __init__(self, storage: Path, commit: str, files: Mapping[str, int | None]):

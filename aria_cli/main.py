@@ -2,6 +2,12 @@
 
 Every command is registered here. Errors and exit codes are handled for all of them by
 AriaGroup (errors.py); shared flags come from options.py (`@with_options(...)`).
+
+A new command (ask, chat, quantize, plan) lives in its own module: it takes its shared flags with
+`@with_options(RunOptions)` (or HubOptions / OutputOptions), gets its checkpoint directory from
+`models.resolve_model_dir(opts.model, offline=opts.offline)`, writes its result with
+`console.emit_text` / `console.emit_json` and everything else with `console.info` / `warn` /
+`detail`, raises runtime.errors for expected failures, and is registered below with app.command().
 """
 
 from __future__ import annotations

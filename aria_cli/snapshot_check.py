@@ -44,6 +44,24 @@ def _config_problems(folder: Path) -> list[str]:
     return [] if isinstance(raw, dict) else ["config.json is not a JSON object"]
 
 
+def _weight_map(index: Path) -> dict[str, str] | None:
+    """tensor name -> shard file of a safetensors index, or None when it is not one."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return {str(k): str(v) for k, v in weight_map.items()} if isinstance(weight_map, dict) else None
+
+
+def indexed_shards(folder: Path) -> set[str]:
+    """Every shard file the safetensors index(es) in `folder` name."""
+    return {
+        shard
+        for index in folder.glob("*" + INDEX_SUFFIX)
+        for shard in (_weight_map(index) or {}).values()
+    }
+
+
 def _weight_problems(folder: Path) -> list[str]:
     indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
     if not indexes:
@@ -53,16 +71,13 @@ def _weight_problems(folder: Path) -> list[str]:
         return [p for name in shards for p in _shard_problems(folder / name, wanted=())]
     problems: list[str] = []
     for index in indexes:
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        weight_map = _weight_map(index)
+        if weight_map is None:
             problems.append(f"{index.name} is not a safetensors index")
             continue
         by_shard: dict[str, list[str]] = {}
         for key, shard in weight_map.items():
-            by_shard.setdefault(str(shard), []).append(key)
+            by_shard.setdefault(shard, []).append(key)
         for shard, keys in sorted(by_shard.items()):
             file = folder / shard
             if not file.is_file():
