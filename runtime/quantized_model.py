@@ -31,6 +31,10 @@ class QuantizedRoutedExperts(nn.Module):
                  device: torch.device | str, dtype: torch.dtype):
         super().__init__()
         self.scheme = scheme
+        self.dtype = dtype
+        # The packed form stays referenced (for a quantized checkpoint: mmap views) so the offload
+        # engine can prepare experts for another device; prepared layouts differ per device.
+        self._packed = (fc1, fc2)
         self.num_experts = scheme.weight_shape(fc1)[0]
         self.fc1: list[Prepared] = [scheme.prepare(slice_packed(fc1, e), device, dtype) for e in range(self.num_experts)]
         self.fc2: list[Prepared] = [scheme.prepare(slice_packed(fc2, e), device, dtype) for e in range(self.num_experts)]
@@ -41,6 +45,12 @@ class QuantizedRoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
         return routed_sum(x, top_idx, top_w, self.num_experts, self.run_expert)
+
+    def expert_codec(self):
+        """How the offload engine moves and runs these experts (runtime.offload.codec)."""
+        from .offload.codec import QuantizedExpertCodec  # offload builds on this module
+
+        return QuantizedExpertCodec(self.scheme, *self._packed, self.dtype)
 
     @property
     def nbytes(self) -> int:

@@ -13,7 +13,6 @@ from runtime.generate import Session
 from runtime.model import build_model, init_random_weights
 from runtime.offload import Costs, OffloadedExperts, QuantizedExpertCodec, apply_offload
 from runtime.placement import CACHE, DEVICE, LayerPlacement, plan_placement
-from runtime.quant_targets import to_stored_orientation
 from runtime.quantized_model import quantize_model
 from runtime.tiny_checkpoint import tiny_config
 
@@ -197,18 +196,9 @@ def test_without_prefetch_the_same_layer_misses(base, config):
 
 
 def _quantized(base, scheme):
-    """The lead's quantized model (runtime.quantized_model), each layer's experts also given the
-    codec hook offloading needs: packed fc1/fc2 as the converter packs them."""
+    """The lead's quantized model (runtime.quantized_model), whose experts offer the codec hook."""
     model = copy.deepcopy(base)
-    packed = [
-        [scheme.quantize(to_stored_orientation(f"{prefix}.{fc}.weight", getattr(layer.mlp.experts, fc).weight))
-         for fc in ("fc1", "fc2")]
-        for prefix, layer in ((f"language_model.model.layers.{i}.mlp.experts", layer)
-                              for i, layer in enumerate(model.language_model.model.layers))
-    ]
     quantize_model(model, scheme, torch.float32)
-    for layer, (fc1, fc2) in zip(model.language_model.model.layers, packed):
-        layer.mlp.experts.expert_codec = lambda fc1=fc1, fc2=fc2: QuantizedExpertCodec(scheme, fc1, fc2, torch.float32)
     return model
 
 
