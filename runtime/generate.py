@@ -5,10 +5,17 @@ conversation so far; only the part after the longest common prefix is prefilled,
 turn costs its new tokens, not the history. Images: the caller passes the crops of every image
 in the conversation, in prompt order; the session feeds the model only the crops whose image
 tokens fall in the part being prefilled.
+
+Decode is built for a GPU even where it runs on the CPU: the token stays on the device from the
+sampler to the next step, the expert dispatch needs no host round trip, and on CUDA the next
+step is queued before the host reads the current token, so the device never idles while the
+host streams text or checks for a stop id (only the newest token is checked). With
+`compile=True` the decode step is one static-shape graph (torch.compile; CUDA graphs on a GPU).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -25,13 +32,61 @@ class StepStats:
     generated_tokens: int = 0
 
 
+def decode_logits(model: AriaForConditionalGeneration, token: torch.Tensor, cache, where) -> torch.Tensor:
+    """One decode step: token [1, 1] at `where` (int, or device positions [1]) -> logits [1, V] fp32.
+
+    Text only: skips the image merge of `model.forward` (and its host-side count of image tokens).
+    """
+    lm = model.language_model
+    hidden = lm.model(lm.model.embed_tokens(token), cache, where)
+    return lm.lm_head(hidden[:, -1]).float()
+
+
+class _TokenReader:
+    """Brings a device token to the host without waiting for the work queued after it.
+
+    On CUDA the copy goes to pinned memory behind an event, so reading token n waits for the
+    sampler of step n only, not for step n+1 already queued. On the CPU it is a plain read.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.host = torch.empty(1, dtype=torch.long, pin_memory=True)
+            self.event = torch.cuda.Event()
+        self.token: torch.Tensor | None = None
+
+    def start(self, token: torch.Tensor) -> None:
+        self.token = token
+        if self.cuda:
+            self.host.copy_(token.view(1), non_blocking=True)
+            self.event.record()
+
+    def result(self) -> int:
+        if self.cuda:
+            self.event.synchronize()
+            return int(self.host[0])
+        return int(self.token)
+
+
 class Session:
-    def __init__(self, model: AriaForConditionalGeneration, max_len: int):
+    def __init__(self, model: AriaForConditionalGeneration, max_len: int, compile: bool | str = False):
+        """`compile`: run decode as one compiled static-shape graph (CUDA graphs on a GPU), True for
+        torch.compile's default backend or a backend name; the first step pays the compilation,
+        reported in `compile_seconds`. Off by default: on the CPU it costs a C++ build."""
         self.model = model
         self.max_len = max_len
         self.cache = model.new_cache(max_len)
         self.cached: list[int] = []  # token ids whose keys/values are in the cache, positions 0..n-1
         self.stats = StepStats()
+        self.compile_seconds = 0.0
+        model.language_model.model.rotary.ensure(max_len)  # never grown inside a decode step
+        # On CUDA the next step is queued before the host reads the current token (see generate).
+        self._ahead = model.device.type == "cuda"
+        self._compiled = None
+        if compile:
+            self._compiled = _compile_decode(model, self.cache, "inductor" if compile is True else compile)
+            self._position = torch.zeros(1, dtype=torch.long, device=model.device)
 
     def reset(self) -> None:
         self.cached = []
@@ -76,10 +131,22 @@ class Session:
         return logits
 
     @torch.inference_mode()
+    def _step(self, token: torch.Tensor) -> torch.Tensor:
+        """Run `token` (device, one element) at the next free position; logits [1, V]. No host sync."""
+        start = len(self.cached)
+        if self._compiled is None:
+            return decode_logits(self.model, token.view(1, 1), self.cache, start)
+        self._position.fill_(start)
+        if not self.compile_seconds:  # the first call compiles
+            began = time.perf_counter()
+            logits = self._compiled(self.model, token.view(1, 1), self.cache, self._position)
+            self.compile_seconds = time.perf_counter() - began
+            return logits
+        return self._compiled(self.model, token.view(1, 1), self.cache, self._position)
+
     def decode(self, token: torch.Tensor) -> torch.Tensor:
         """Append one token [1] and return the next logits [1, V]."""
-        start = len(self.cached)
-        logits = self.model(token.view(1, 1), self.cache, start)
+        logits = self._step(token)
         self.cached.append(int(token))
         return logits
 
@@ -94,20 +161,44 @@ class Session:
     ) -> Iterator[int]:
         """Yield generated token ids until a stop id (not yielded), `max_new_tokens`, or the context end.
 
-        The caller may stop early by closing the iterator; the cache then holds exactly the
-        tokens yielded so far, so the next turn reuses them.
+        The caller may stop early by closing the iterator; the cache then holds the tokens
+        yielded so far (all of them, or all but the last), so the next turn reuses them.
         """
         stop = set(stop_ids)
         sampler = Sampler(sampling or SamplingParams(), device=self.model.device)
         logits = self.prefill(prompt, pixel_values, pixel_mask)
-        room = self.max_len - len(self.cached)
-        for _ in range(min(max_new_tokens, room)):
-            token = sampler(logits)
-            tid = int(token)
+        limit = min(max_new_tokens, self.max_len - len(self.cached))
+        reader = _TokenReader(self.model.device)
+        token = sampler(logits)
+        for n in range(1, limit + 1):
+            more = n < limit  # the last token is never fed back: its logits would go unused
+            reader.start(token)
+            queued = more and self._ahead
+            if queued:  # a stop id wastes this step, but the device never waits for the host
+                logits = self._step(token)
+            tid = reader.result()
             if tid in stop:
                 return
             self.stats.generated_tokens += 1
+            if queued:
+                self.cached.append(tid)
             yield tid
-            if self.stats.generated_tokens == max_new_tokens or len(self.cached) >= self.max_len:
-                return
-            logits = self.decode(token)
+            if more:
+                if not queued:
+                    logits = self._step(token)
+                    self.cached.append(tid)
+                token = sampler(logits)
+
+
+def _compile_decode(model: AriaForConditionalGeneration, cache, backend: str):
+    """decode_logits as a static-shape graph: positions on the device, the whole cache attended.
+
+    Not `fullgraph`: an expert store that needs the host (offload, quantized routed_sum) splits
+    the graph there instead of failing; float experts trace whole (tests check it).
+    """
+    cuda = model.device.type == "cuda"
+    if cuda:  # CUDA graphs need the cache at fixed addresses; it is updated in place
+        for tensor in cache.keys + cache.values:
+            torch._dynamo.mark_static_address(tensor)
+    mode = "reduce-overhead" if cuda and backend == "inductor" else None
+    return torch.compile(decode_logits, dynamic=False, backend=backend, mode=mode)

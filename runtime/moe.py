@@ -112,6 +112,27 @@ def grouped_routed_sum(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tens
     return _combine(ys, order, top_w)
 
 
+def float_routed_sum(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor, fc1: torch.Tensor,
+                     fc2: torch.Tensor) -> torch.Tensor:
+    """The routed experts on float grouped weights: grouped matmuls where they run, else routed_sum."""
+    if grouped_mm_supported(x):
+        return grouped_routed_sum(x, top_idx, top_w, fc1, fc2)
+    return routed_sum(x, top_idx, top_w, fc1.shape[0], lambda e, xe: swiglu_expert(xe, fc1[e], fc2[e]))
+
+
+# For torch.compile the dispatch is one opaque op: its row counts per expert are data, which a
+# static graph cannot hold, and F.grouped_mm only traces for bf16. Eager calls skip the op layer.
+@torch.library.custom_op("aria::float_routed_sum", mutates_args=())
+def _float_routed_sum_op(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor, fc1: torch.Tensor,
+                         fc2: torch.Tensor) -> torch.Tensor:
+    return float_routed_sum(x, top_idx, top_w, fc1, fc2)
+
+
+@_float_routed_sum_op.register_fake
+def _(x, top_idx, top_w, fc1, fc2):
+    return torch.empty_like(x)
+
+
 class RoutedExperts(nn.Module):
     """Float experts, grouped [experts, in, out] as stored in the checkpoints."""
 
@@ -126,9 +147,9 @@ class RoutedExperts(nn.Module):
         return swiglu_expert(x, self.fc1.weight[expert], self.fc2.weight[expert])
 
     def forward(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
-        if grouped_mm_supported(x):
-            return grouped_routed_sum(x, top_idx, top_w, self.fc1.weight, self.fc2.weight)
-        return routed_sum(x, top_idx, top_w, self.num_experts, self.run_expert)
+        if torch.compiler.is_compiling():
+            return _float_routed_sum_op(x, top_idx, top_w, self.fc1.weight, self.fc2.weight)
+        return float_routed_sum(x, top_idx, top_w, self.fc1.weight, self.fc2.weight)
 
 
 class SharedExperts(nn.Module):

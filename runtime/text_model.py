@@ -29,7 +29,11 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for absolute positions, computed in fp32 and built lazily up to the need."""
+    """cos/sin tables for absolute positions, computed in fp32 and grown on the host side.
+
+    Tables are sized from host integers (`ensure`), never from position values, so looking
+    positions up costs no device-to-host synchronisation.
+    """
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
@@ -44,19 +48,23 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = 1.0 / (theta**exponent)
         self._cos = self._sin = None
 
-    def _tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def ensure(self, length: int) -> None:
+        """Make the tables cover positions [0, length)."""
         if self._cos is None or self._cos.shape[0] < length or self._cos.device != self.inv_freq.device:
             size = max(length, 2 * (self._cos.shape[0] if self._cos is not None else 0), 256)
             pos = torch.arange(size, device=self.inv_freq.device, dtype=torch.float32)
             freqs = pos[:, None] * self.inv_freq[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)
             self._cos, self._sin = emb.cos(), emb.sin()
-        return self._cos, self._sin
+
+    def span(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [length, head_dim] for positions start..start+length-1, in `dtype`."""
+        self.ensure(start + length)
+        return self._cos[start : start + length].to(dtype), self._sin[start : start + length].to(dtype)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> cos, sin [T, head_dim] in `dtype`."""
-        cos, sin = self._tables(int(positions.max()) + 1)
-        return cos[positions].to(dtype), sin[positions].to(dtype)
+        """positions [T] (device tensor, already covered by `ensure`) -> cos, sin [T, head_dim]."""
+        return self._cos[positions].to(dtype), self._sin[positions].to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -87,24 +95,25 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         cache: KVCache | None,
         layer: int,
-        start: int,
+        where: int | torch.Tensor,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
+        """`where`: first position as an int (the cache returns the valid prefix), or the positions
+        as a device tensor (static shapes: the whole cache is attended, `mask` hides the rest).
+        `mask` None means: no mask for one token, causal for a chunk (see TextModel.attention_mask)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # Without a cache (training, one-shot scoring) the chunk attends to itself only.
-        keys, values = (k, v) if cache is None else cache.update(layer, start, k, v)
-        # Query i sits at absolute position start+i and sees keys 0..start+i. A single new token
-        # sees the whole valid prefix, so decode needs no mask at all.
-        mask = None
-        if t > 1:
-            n_keys = keys.shape[2]
-            q_pos = torch.arange(n_keys - t, n_keys, device=x.device)[:, None]
-            mask = torch.arange(n_keys, device=x.device)[None, :] <= q_pos
+        if cache is None:  # training, one-shot scoring: the chunk attends to itself only
+            keys, values = k, v
+        elif isinstance(where, torch.Tensor):
+            keys, values = cache.write_at(layer, where, k, v)
+        else:
+            keys, values = cache.update(layer, where, k, v)
         out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads
+            q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=self.n_kv != self.n_heads
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -117,8 +126,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start)
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, where, mask) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, where, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -130,16 +139,41 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.prefill_chunk = 1024  # tokens per prefill step (see forward)
 
-    def forward(self, embeds: torch.Tensor, cache: KVCache | None, start: int) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, cache: KVCache | None, start: int | torch.Tensor) -> torch.Tensor:
+        """Hidden states of tokens at positions start.. (an int, or a device tensor [1] for static shapes).
+
+        With a cache, a long prompt runs in chunks of `prefill_chunk` tokens, so no step holds a
+        T x T attention mask or T x k expert activations: a 64K prompt costs 64K x chunk at most.
+        """
         t = embeds.shape[1]
-        if cache is not None:
-            cache.check_room(start, t)
-        positions = torch.arange(start, start + t, device=embeds.device)
-        cos, sin = self.rotary(positions, embeds.dtype)
-        x = embeds
+        if isinstance(start, torch.Tensor):
+            return self._run(embeds, cache, start + torch.arange(t, device=embeds.device))
+        if cache is None:
+            return self._run(embeds, None, 0)
+        cache.check_room(start, t)
+        if t <= self.prefill_chunk:
+            return self._run(embeds, cache, start)
+        step = self.prefill_chunk
+        return torch.cat([self._run(embeds[:, a : a + step], cache, start + a) for a in range(0, t, step)], dim=1)
+
+    def _run(self, x: torch.Tensor, cache: KVCache | None, where: int | torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        if isinstance(where, torch.Tensor):
+            cos, sin = self.rotary(where, x.dtype)
+            # Static shapes: every step attends over the whole cache; unwritten slots are masked.
+            mask = torch.arange(cache.max_len, device=x.device)[None, :] <= where[:, None]
+        else:
+            cos, sin = self.rotary.span(where, t, x.dtype)
+            mask = None
+            if cache is not None and t > 1 and where > 0:
+                # A chunk after earlier positions: query i (at where+i) sees keys 0..where+i. (From
+                # position 0, or for one token, SDPA's own causal / no mask says the same, cheaper.)
+                q_pos = torch.arange(where, where + t, device=x.device)[:, None]
+                mask = torch.arange(where + t, device=x.device)[None, :] <= q_pos
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, start)
+            x = layer(x, cos, sin, cache, i, where, mask)
         return self.norm(x)
 
 
