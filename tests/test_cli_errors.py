@@ -153,6 +153,16 @@ def test_real_process_exit_codes_and_clean_stdout():
     assert proc.returncode == 0 and proc.stdout == '{"models": []}\n' and proc.stderr == ""
 
 
+def test_console_script_is_the_same_app():
+    script = Path(sys.executable).parent / "aria"  # installed by `pip install -e .` next to python
+    proc = subprocess.run([str(script), "download", "aria", "--offline"], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr == "error: model aria is not downloaded; run `aria download aria` (or drop --offline)\n"
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0 and "download" in proc.stdout and proc.stderr == ""
+
+
 def test_real_process_interrupt_is_130(tmp_path):
     # A command interrupted by Ctrl-C (KeyboardInterrupt) in a real process, through AriaGroup.
     script = tmp_path / "interrupted.py"
