@@ -112,9 +112,25 @@ def grouped_routed_sum(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tens
     return _combine(ys, order, top_w)
 
 
+def one_token_routed_sum(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor, fc1: torch.Tensor,
+                         fc2: torch.Tensor) -> torch.Tensor:
+    """routed_sum for a single token [1, H] on the CPU, where reading its k expert ids costs nothing.
+
+    Only the k selected experts are touched (grouped_mm's CPU kernel visits all E groups), and
+    the gate/up halves of all k run through one SwiGLU.
+    """
+    experts = top_idx[0].tolist()
+    gate_up = torch.cat([x @ fc1[e] for e in experts])  # [k, 2I]
+    act = swiglu(gate_up)
+    ys = torch.cat([act[j : j + 1] @ fc2[e] for j, e in enumerate(experts)])  # [k, H]
+    return top_w.to(ys.dtype) @ ys
+
+
 def float_routed_sum(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor, fc1: torch.Tensor,
                      fc2: torch.Tensor) -> torch.Tensor:
     """The routed experts on float grouped weights: grouped matmuls where they run, else routed_sum."""
+    if x.shape[0] == 1 and x.device.type == "cpu":
+        return one_token_routed_sum(x, top_idx, top_w, fc1, fc2)
     if grouped_mm_supported(x):
         return grouped_routed_sum(x, top_idx, top_w, fc1, fc2)
     return routed_sum(x, top_idx, top_w, fc1.shape[0], lambda e, xe: swiglu_expert(xe, fc1[e], fc2[e]))

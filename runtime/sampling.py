@@ -45,20 +45,29 @@ class Sampler:
                 self.generator.seed()
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [B, V] (float) -> token ids [B] (long)."""
-        p = self.params
-        if p.greedy:
+        """logits [B, V] (float) -> token ids [B] (long), on the logits' device."""
+        if self.params.greedy:
             return logits.argmax(dim=-1)
-        logits = logits.float() / p.temperature
-        if p.top_k:
-            kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if p.top_p < 1:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-            drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= p.top_p
-            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = filtered_probs(logits, self.params)
         race = torch.empty_like(probs).exponential_(1, generator=self.generator)
         return (probs / race).argmax(dim=-1)
+
+
+def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution a non-greedy Sampler draws from: softmax(logits / T), top-k, then top-p, renormalised.
+
+    top-k keeps the tokens whose logit is at least the k-th largest (ties with it stay); top-p keeps
+    the smallest most-likely-first prefix whose mass reaches top_p (the most likely token always stays).
+    """
+    logits = logits.float() / p.temperature
+    if p.top_k:
+        kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= p.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs

@@ -23,13 +23,15 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32, cast back, then scale in the activation dtype (as the reference).
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for absolute positions, computed in fp32 and grown on the host side.
+
+    The sin table carries rotate-half's sign (first half negated), see apply_rope.
 
     Tables are sized from host integers (`ensure`), never from position values, so looking
     positions up costs no device-to-host synchronisation.
@@ -54,26 +56,22 @@ class RotaryEmbedding(nn.Module):
             size = max(length, 2 * (self._cos.shape[0] if self._cos is not None else 0), 256)
             pos = torch.arange(size, device=self.inv_freq.device, dtype=torch.float32)
             freqs = pos[:, None] * self.inv_freq[None, :]
-            emb = torch.cat((freqs, freqs), dim=-1)
-            self._cos, self._sin = emb.cos(), emb.sin()
+            self._cos = torch.cat((freqs, freqs), dim=-1).cos()
+            self._sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
 
     def span(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [length, head_dim] for positions start..start+length-1, in `dtype`."""
+        """cos, signed sin [length, head_dim] for positions start..start+length-1, in `dtype`."""
         self.ensure(start + length)
         return self._cos[start : start + length].to(dtype), self._sin[start : start + length].to(dtype)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] (device tensor, already covered by `ensure`) -> cos, sin [T, head_dim]."""
+        """positions [T] (device tensor, already covered by `ensure`) -> cos, signed sin [T, head_dim]."""
         return self._cos[positions].to(dtype), self._sin[positions].to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + _rotate_half(x) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE, x*cos + cat(-x2, x1)*sin, as x*cos + roll(x)*signed_sin (the sign is in the table)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class Attention(nn.Module):
