@@ -32,3 +32,28 @@ def reference_greedy(model, ids, n, pixel_values=None, pixel_mask=None) -> list[
         input_ids=ids, **_image_kwargs(pixel_values, pixel_mask), max_new_tokens=n, do_sample=False, pad_token_id=0,
     )
     return out[0, ids.shape[1]:].tolist()
+
+
+# The slow-tokenizer settings rhymes-ai/Aria ships in tokenizer_config.json (no BOS/EOS added).
+REFERENCE_TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": False, "add_eos_token": False,
+    "bos_token": None, "eos_token": None, "unk_token": "<unk>", "pad_token": "<unk>",
+}
+
+
+def reference_tokenizer(model_dir):
+    """transformers' tokenizer for the tokenizer.model in `model_dir`, as AriaProcessor uses it.
+
+    add_prefix_space=False makes its fast tokenizer equal the slow one the official code forced
+    (tests/test_tokenizer.py pins both facts).
+    """
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    config = Path(model_dir) / "tokenizer_config.json"
+    if not config.exists():
+        config.write_text(json.dumps(REFERENCE_TOKENIZER_CONFIG))
+    return AutoTokenizer.from_pretrained(str(model_dir), add_prefix_space=False,
+                                         extra_special_tokens={"image_token": "<|img|>"})

@@ -14,7 +14,7 @@ from runtime.assistant import Assistant, Conversation, GenerationOptions
 from runtime.chat_template import render_prompt
 from runtime.sampling import SamplingParams
 from runtime.tiny_checkpoint import write_tiny_checkpoint
-from tests.oracle import reference_greedy, reference_model
+from tests.oracle import reference_greedy, reference_model, reference_tokenizer
 
 N = 24
 
@@ -36,18 +36,9 @@ def picture(colour="red", size=(640, 400)):
 
 
 def reference_tokens(checkpoint, conversation: Conversation, n: int) -> list[int]:
-    import json
+    from transformers import AriaImageProcessorPil, AriaProcessor
 
-    from transformers import AriaImageProcessorPil, AriaProcessor, AutoTokenizer
-
-    # The tokenizer_config.json the hub repos ship (slow-tokenizer settings, no BOS).
-    (checkpoint / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": False, "add_eos_token": False,
-        "bos_token": None, "eos_token": None, "unk_token": "<unk>", "pad_token": "<unk>",
-    }))
-    # add_prefix_space=False makes transformers' fast tokenizer equal the slow one (test_tokenizer.py).
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), add_prefix_space=False,
-                                              extra_special_tokens={"image_token": "<|img|>"})
+    tokenizer = reference_tokenizer(checkpoint)
     processor = AriaProcessor(image_processor=AriaImageProcessorPil(), tokenizer=tokenizer,
                               size_conversion={490: 8, 980: 16})
     images = conversation.images()

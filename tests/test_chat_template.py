@@ -1,11 +1,9 @@
 """Prompt format: string equality with the Jinja template rendered by transformers, token ids and
 pixels equal to transformers' AriaProcessor, per-image expansion, and input errors."""
 
-import json
 
 import numpy as np
 import pytest
-import transformers
 from PIL import Image
 from transformers import AriaProcessor
 from transformers.models.aria.image_processing_pil_aria import AriaImageProcessorPil
@@ -16,6 +14,7 @@ from runtime.errors import InputError
 from runtime.image_processing import preprocess_images
 from runtime.tiny_tokenizer import train_tiny_tokenizer
 from runtime.tokenizer import Tokenizer
+from tests.oracle import reference_tokenizer
 
 # The chat template shipped with rhymes-ai/Aria (ARIA_SPEC §5.2), verbatim.
 ARIA_CHAT_TEMPLATE = (
@@ -61,10 +60,6 @@ CONVERSATIONS = {
 def model_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tok")
     train_tiny_tokenizer(directory / "tokenizer.model")
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": False, "add_eos_token": False,
-        "bos_token": None, "eos_token": None, "unk_token": "<unk>", "pad_token": "<unk>",
-    }))
     return directory
 
 
@@ -75,10 +70,7 @@ def tok(model_dir):
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(model_dir):
-    # add_prefix_space=False makes the fast tokenizer agree with the slow one (tests/test_tokenizer.py).
-    return transformers.AutoTokenizer.from_pretrained(
-        str(model_dir), add_prefix_space=False, extra_special_tokens={"image_token": "<|img|>"}
-    )
+    return reference_tokenizer(model_dir)
 
 
 def _config(tokens_490=3, tokens_980=5):

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from aria_reference_checkpoint import canonical_from_saved, save_reference
 from memory_maps import file_mapped_at
 from safetensors.torch import load_file, save_file
 
@@ -19,19 +18,6 @@ from runtime.errors import CheckpointError
 from runtime.model import build_model
 from runtime.safetensors_io import INDEX_FILE, SINGLE_FILE
 from runtime.tiny_checkpoint import tiny_config, write_tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hf_c1")
-    model = save_reference(out)
-    return out, model
-
-
-@pytest.fixture(scope="module")
-def canonical(reference):
-    return canonical_from_saved(reference[0])
-
 
 # --- transformers reads what we write --------------------------------------------------------
 

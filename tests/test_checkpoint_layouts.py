@@ -13,7 +13,6 @@ import math
 
 import pytest
 import torch
-from aria_reference_checkpoint import canonical_from_saved, save_reference
 from safetensors.torch import load_file, save_file
 
 from runtime.checkpoint import open_checkpoint
@@ -27,18 +26,6 @@ from runtime.safetensors_io import INDEX_FILE, SINGLE_FILE
 from runtime.tiny_checkpoint import tiny_config
 
 EXPERT_WIDTH = 32
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hf_c1")
-    model = save_reference(out)
-    return out, model
-
-
-@pytest.fixture(scope="module")
-def canonical(reference):
-    return canonical_from_saved(reference[0])
 
 
 def _all_stored(directory) -> dict[str, torch.Tensor]:
