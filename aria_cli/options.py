@@ -1,9 +1,10 @@
 """Options shared by commands, declared once.
 
-Three option groups, each a frozen dataclass whose fields are settings (see settings.py):
+Option groups, each a frozen dataclass whose fields are settings (see settings.py):
 - OutputOptions: -v/--verbose, --debug, --json, -q/--quiet (every command);
 - HubOptions: OutputOptions + --offline (commands that may reach the Hub);
-- RunOptions: HubOptions + model, generation and placement flags (ask, chat).
+- RunOptions: HubOptions + model, generation and placement flags (ask, chat);
+- PlacementOptions: HubOptions + model and placement flags, no generation (plan).
 
 A command asks for a group with `@with_options(RunOptions)` and a parameter `opts: RunOptions`:
 the decorator adds the group's flags to the command's signature (Typer reads the signature),
@@ -63,6 +64,25 @@ class RunOptions(HubOptions):
     gpu_memory: int | None  # bytes; None = what the device has free
     cpu_moe: bool
     n_cpu_moe: int
+    image_size: int  # 490 | 980: the crop side, 128 or 256 tokens per crop
+    max_context: int  # KV cache length in tokens (capped by the model's positions)
+    expert_slots: int | None  # device slots per offloaded layer; None = as many as fit
+    compile: bool  # compiled static-shape decode
+
+
+@dataclass(frozen=True)
+class PlacementOptions(HubOptions):
+    """What `aria plan` needs: the model and where it would run, without generation settings."""
+
+    model: str
+    device: str
+    dtype: str
+    quant: str
+    gpu_memory: int | None
+    cpu_moe: bool
+    n_cpu_moe: int
+    max_context: int
+    expert_slots: int | None
 
 
 _GEN, _RUN, _HUB, _OUT = "Generation", "Runtime", "Hub", "Output"
@@ -112,6 +132,8 @@ DECLARATIONS: dict[str, Any] = {
                     help="System prompt."),
     "split_image": _flag("--split-image/--no-split-image", name="split_image", panel=_GEN,
                          help="Tile large images into 980px crops (more image tokens, more detail)."),
+    "image_size": _text("--image-size", name="image_size", panel=_GEN, metavar="490|980",
+                        help="Crop size images are resized to: 980 (256 tokens each) or 490 (128, faster)."),
     "device": _text("--device", name="device", panel=_RUN, metavar="auto|cpu|cuda[:N]", help="Where to run."),
     "dtype": _text("--dtype", name="dtype", panel=_RUN, metavar="auto|bfloat16|float16|float32",
                    help="Compute dtype."),
@@ -123,6 +145,12 @@ DECLARATIONS: dict[str, Any] = {
                      help="Keep all routed experts in CPU memory and compute them there."),
     "n_cpu_moe": _text("--n-cpu-moe", name="n_cpu_moe", panel=_RUN, metavar="N",
                        help="Keep the routed experts of the first N layers on the CPU."),
+    "expert_slots": _text("--expert-slots", name="expert_slots", panel=_RUN, metavar="N", shown="as many as fit",
+                          help="GPU expert slots per offloaded layer (a cache over its experts)."),
+    "max_context": _text("--max-context", name="max_context", panel=_RUN, metavar="N",
+                         help="Context length the KV cache holds, in tokens (at most the model's)."),
+    "compile": _flag("--compile/--no-compile", name="compile", panel=_RUN,
+                     help="Compile the decode step (slow first token, faster after; needs a C++ compiler on CPU)."),
     "offline": _flag("--offline/--online", name="offline", panel=_HUB,
                      help="Use only downloaded models; make no network call (also HF_HUB_OFFLINE=1)."),
     "verbose": _flag("-v", "--verbose", name="verbose", panel=_OUT, help="Show speed stats and details on stderr."),
@@ -151,6 +179,8 @@ def _check_combinations(v: dict[str, Any]) -> None:
         raise UsageError("--quiet and --verbose contradict each other; use one")
     if v.get("cpu_moe") and v.get("n_cpu_moe"):
         raise UsageError("--cpu-moe already puts every layer's experts on the CPU; drop --n-cpu-moe")
+    if v.get("cpu_moe") and v.get("expert_slots") is not None:
+        raise UsageError("--cpu-moe computes every expert on the CPU, so there are no GPU slots; drop --expert-slots")
     if v.get("device") == "cpu" and v.get("gpu_memory") is not None:
         raise UsageError("--gpu-memory needs a GPU device; drop it or use --device cuda")
 

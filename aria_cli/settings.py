@@ -117,6 +117,19 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return parse
 
 
+def _int_choice(*choices: int) -> Callable[[Any], int]:
+    def parse(raw: Any) -> int:
+        try:
+            value = _as_int(raw)
+        except _Bad:
+            value = None
+        if value not in choices:
+            raise _Bad("must be one of " + ", ".join(map(str, choices)))
+        return value
+
+    return parse
+
+
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
@@ -192,6 +205,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("stop", "--stop", _as_str_list, ()),
         Setting("system", "--system", _as_str, None),
         Setting("split_image", "--split-image", _as_bool, False),
+        Setting("image_size", "--image-size", _int_choice(490, 980), 980),
         # runtime placement
         Setting("device", "--device", _as_device, "auto"),
         Setting("dtype", "--dtype", _choice("auto", "bfloat16", "float16", "float32"), "auto"),
@@ -199,6 +213,9 @@ SETTINGS: dict[str, Setting] = {
         Setting("gpu_memory", "--gpu-memory", parse_size, None, lambda v: None if v > 0 else "must be more than 0"),
         Setting("cpu_moe", "--cpu-moe", _as_bool, False),
         Setting("n_cpu_moe", "--n-cpu-moe", _as_int, 0, _at_least(0)),
+        Setting("expert_slots", "--expert-slots", _as_int, None, _at_least(0)),
+        Setting("max_context", "--max-context", _as_int, 8192, _at_least(1)),
+        Setting("compile", "--compile", _as_bool, False),
         # hub and output
         Setting("offline", "--offline", _as_bool, False, env=("HF_HUB_OFFLINE",)),
         Setting("verbose", "--verbose", _as_bool, False),
@@ -224,6 +241,12 @@ def _validated(setting: Setting, raw: Any, source: str) -> Any:
     if problem:
         raise UsageError(f"{source} {problem} (got {_shown(raw)})")
     return value
+
+
+def parse_setting(name: str, raw: Any, source: str) -> Any:
+    """One setting's value from text or JSON typed anywhere else (a chat `/set`, a saved transcript),
+    with the same parser and checks as flags; `source` starts the error message ("/set temperature")."""
+    return _validated(SETTINGS[name], raw, source)
 
 
 def _given(flag_value: Any) -> bool:

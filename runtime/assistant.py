@@ -26,6 +26,9 @@ from .errors import UsageError
 from .generate import Session
 from .image_processing import ProcessedImages, preprocess_images
 from .loader import load_model_with_report
+from .offload.apply import OffloadEngine, apply_offload
+from .offload.stats import PhaseStats
+from .placement import Plan
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -132,25 +135,32 @@ class Reply:
 
 class Assistant:
     def __init__(self, model, tokenizer: Tokenizer, name: str, load_s: float = 0.0,
-                 max_context: int = DEFAULT_MAX_CONTEXT, crop_size: int = 980, split_image: bool = False):
+                 max_context: int = DEFAULT_MAX_CONTEXT, crop_size: int = 980, split_image: bool = False,
+                 compile: bool | str = False, offload: OffloadEngine | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.load_s = load_s
         self.crop_size = crop_size
         self.split_image = split_image
-        self.session = Session(model, min(max_context, model.config.text.max_position_embeddings))
+        self.session = Session(model, min(max_context, model.config.text.max_position_embeddings), compile=compile)
+        self.offload = offload  # the expert offload engine, when a plan put experts in host memory
         self._processed: dict[int, ProcessedImages] = {}  # per picture object, computed once
         self.config = model.config
         self.config.tokens_per_crop(crop_size)  # refuse an unsupported crop size before any question
 
     @classmethod
     def open(cls, model_dir: str | Path, dtype: torch.dtype | None = None, device: str = "cpu",
-             quant: str | None = None, name: str | None = None, **options) -> Assistant:
+             quant: str | None = None, name: str | None = None, plan: Plan | None = None,
+             **options) -> Assistant:
+        """`plan`: a placement (runtime.placement) to follow; when it offloads experts the
+        weights are loaded into host memory first and `apply_offload` moves the rest to `device`."""
         started = time.perf_counter()
-        model, _ = load_model_with_report(model_dir, dtype=dtype, device=device, quant=quant)
+        offloaded = plan is not None and plan.offloaded
+        model, _ = load_model_with_report(model_dir, dtype=dtype, device="cpu" if offloaded else device, quant=quant)
+        engine = apply_offload(model, plan, device) if offloaded else None
         tokenizer = Tokenizer.from_dir(model_dir, model.config)
-        return cls(model, tokenizer, name or str(model_dir), time.perf_counter() - started, **options)
+        return cls(model, tokenizer, name or str(model_dir), time.perf_counter() - started, offload=engine, **options)
 
     def _pixels(self, images: list[Image.Image]) -> ProcessedImages:
         parts = []
@@ -187,6 +197,7 @@ class Assistant:
         decoder = StreamDecoder(self.tokenizer, options.stop)
         stop_ids = self.tokenizer.stop_ids
         has_pixels = pixels.num_crops > 0
+        experts_before = self.offload.stats.total() if self.offload is not None else None
         started = time.perf_counter()
         first_at = None
         tokens = self.session.generate(
@@ -232,6 +243,8 @@ class Assistant:
             stats.peak_host_bytes = _peak_rss_bytes()
             if torch.cuda.is_available() and self.model.device.type == "cuda":
                 stats.peak_device_bytes = torch.cuda.max_memory_allocated(self.model.device)
+            if experts_before is not None:
+                stats.experts = _expert_counts(experts_before, self.offload.stats.total())
             if reply.finish_reason != "interrupted":
                 reply.finish_reason = "stop" if hit_stop else "length"
 
@@ -241,6 +254,16 @@ class Assistant:
     def reset(self) -> None:
         """Forget the cached conversation (the next reply prefills from scratch)."""
         self.session.reset()
+
+
+def _expert_counts(before: PhaseStats, after: PhaseStats) -> dict[str, float]:
+    """This reply's share of the offload counters (they run for the whole session)."""
+    hits, misses = after.hits - before.hits, after.misses - before.misses
+    return {
+        "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+        "fetched": after.fetched - before.fetched,
+        "cpu_computed": after.cpu_computed - before.cpu_computed,
+    }
 
 
 def _peak_rss_bytes() -> int:
