@@ -73,7 +73,7 @@ class Nf4Scheme(Scheme):
         normalized = (blocks * (1.0 / absmax.clamp(min=1e-38))[..., None]).clamp_(-1, 1)
         code = nf4_code(weight.device)
         midpoints = (code[:-1] + code[1:]) / 2
-        q = torch.bucketize(normalized, midpoints)
+        q = torch.bucketize(normalized.contiguous(), midpoints.contiguous())
         return {"qdata": pack_nibbles(q.view(out_features, in_features)), "absmax": absmax}
 
     def _dequantize_2d(self, packed: dict[str, Tensor]) -> Tensor:
