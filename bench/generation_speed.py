@@ -2,7 +2,7 @@
 
     python bench/generation_speed.py                      # mid-size random Aria, CPU
     python bench/generation_speed.py --config demo        # tiny model: per-step overhead dominates
-    python bench/generation_speed.py --dtypes float32 --rounds 3 --compile
+    python bench/generation_speed.py --dtypes float32 --rounds 3 --compile   # adds compiled-decode rows
 
 One random checkpoint (hub layout, float32) is written once; every row loads it in its own fresh
 subprocess (peak RSS is per process, and Linux carries ru_maxrss across fork/exec, so this parent
@@ -50,6 +50,15 @@ TARGETS = "decode >= 75% of roofline; vs reference: decode >= 1.5x (demo: 3x), p
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _memory(device: str, baseline: float) -> dict:
+    import torch
+
+    out = {"peak_rss_mb": _peak_rss_mb(), "baseline_rss_mb": baseline}
+    if device.startswith("cuda"):
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 class Clock:
@@ -124,8 +133,7 @@ def worker_ours(args) -> dict:
         t2 = clock.mark()
         runs.append((clock.seconds(t0, t1), clock.seconds(t1, t2), first + rest))
     out = _summary(runs[1:], len(ids))
-    out.update(peak_rss_mb=_peak_rss_mb(), baseline_rss_mb=baseline, load_s=load_s,
-               compile_s=session.compile_seconds)
+    out.update(_memory(args.device, baseline), load_s=load_s, compile_s=session.compile_seconds)
     if not args.quant:
         out.update(roofline(model, clock, args.repeats))
     return out
@@ -211,7 +219,7 @@ def worker_reference(args) -> dict:
         t1 = stamps.marks[1]
         runs.append((clock.seconds(t0, t1), clock.seconds(t1, t2), stamps.tokens))
     out = _summary(runs[1:], len(ids))
-    out.update(peak_rss_mb=_peak_rss_mb(), baseline_rss_mb=baseline, load_s=load_s)
+    out.update(_memory(args.device, baseline), load_s=load_s)
     return out
 
 
@@ -230,7 +238,8 @@ def _run_worker(args, ckpt: str, runtime: str, dtype: str, quant: str | None) ->
            "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
     if quant:
         cmd += ["--worker-quant", quant]
-    if args.compile and runtime == "ours":
+    if runtime == "compiled":
+        cmd[cmd.index("--worker") + 1] = "ours"
         cmd += ["--compile"]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
@@ -244,7 +253,7 @@ def _merge(best: dict | None, new: dict) -> dict:
     if "error" in new:
         return best
     for key, pick in (("ttft_ms", min), ("prefill_tps", max), ("decode_tps", max), ("roofline_tps", max),
-                      ("roofline_gbps", max), ("peak_rss_mb", min), ("compile_s", min)):
+                      ("roofline_gbps", max), ("peak_rss_mb", min), ("peak_gpu_mb", min), ("compile_s", min)):
         if key in new:
             best[key] = pick(best[key], new[key])
     best["tokens_vary"] = best.get("tokens_vary", False) or best["tokens"] != new["tokens"]
@@ -273,7 +282,8 @@ def _report(rows: dict, args) -> None:
         share = f"{r['decode_tps'] / roof:.0%}" if roof else "-"
         print(f"{runtime:<10}{weights:<10}{r['ttft_ms']:>9.0f}{r['prefill_tps']:>13.0f}{r['decode_tps']:>12.1f}"
               f"{r['peak_rss_mb']:>13.0f}{f'{roof:.1f}' if roof else '-':>14}{share:>13}"
-              f"{f'{comp:.1f}' if comp else '-':>11}")
+              f"{f'{comp:.1f}' if comp else '-':>11}"
+              + (f"   GPU peak {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else ""))
     print(f"\nratios ours / reference (targets: {TARGETS})")
     for dtype in args.dtypes:
         ours, ref = rows.get(("ours", dtype)), rows.get(("reference", dtype))
@@ -306,7 +316,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--compile", action="store_true", help="our decode compiled (torch.compile)")
+    parser.add_argument("--compile", action="store_true", help="add rows of ours with compiled decode")
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -326,6 +336,7 @@ def main() -> None:
         return
 
     jobs = [("ours", d, None) for d in args.dtypes]
+    jobs += [("compiled", d, None) for d in args.dtypes] if args.compile else []
     jobs += [] if args.no_reference else [("reference", d, None) for d in args.dtypes]
     jobs += [("ours", q, q) for q in args.quant]
     rows: dict = {}
