@@ -1,0 +1,143 @@
+"""A chat saved as JSON (`/save FILE`) and read back (`/load FILE`).
+
+The file keeps what is needed to carry on: the system prompt, the settings, and every turn's
+role, text, image sources (absolute paths or URLs, never pixels) and whether an answer was cut
+off. Loading opens the images again; the ones that cannot be opened any more are reported one
+line each and left out, and the rest of the chat is kept.
+
+    {"format": "aria-chat", "version": 1, "model": "aria", "system": "Be brief.",
+     "settings": {"max_tokens": 1024, "temperature": 0.0, ...},
+     "turns": [{"role": "user", "text": "What is this?", "images": ["/home/me/cat.png"],
+                "interrupted": false}, ...]}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from runtime.assistant import Conversation
+from runtime.errors import AriaError, UsageError
+
+from .chat_settings import settings_json, updated_from_json
+from .options import RunOptions
+
+FORMAT = "aria-chat"
+VERSION = 1
+_ROLES = ("user", "assistant")
+
+
+def transcript_json(conversation: Conversation, settings: RunOptions, model: str) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model,
+        "system": conversation.system,
+        "settings": settings_json(settings),
+        "turns": [
+            {"role": t.role, "text": t.text, "images": list(t.image_sources), "interrupted": t.interrupted}
+            for t in conversation.turns
+            if t.role != "system"
+        ],
+    }
+
+
+def save_transcript(path: Path, conversation: Conversation, settings: RunOptions, model: str) -> None:
+    """Write the transcript whole or not at all (a temporary file renamed into place)."""
+    path = path.expanduser()
+    text = json.dumps(transcript_json(conversation, settings, model), ensure_ascii=False, indent=2) + "\n"
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}; choose another file") from None
+
+
+@dataclass
+class LoadedTranscript:
+    conversation: Conversation
+    settings: RunOptions  # the current options with the file's settings
+    model: str | None
+    missing_images: list[str] = field(default_factory=list)  # one line each: which image, why
+
+
+def load_transcript(
+    path: Path, settings: RunOptions, open_image: Callable[[str], Image.Image]
+) -> LoadedTranscript:
+    """Read a transcript; `settings` are the current ones, which the file's settings override.
+
+    Images are opened with `open_image(source)`; one that raises an AriaError is left out of its
+    turn and described in `missing_images`.
+    """
+    path = path.expanduser()
+    raw = _read_json(path)
+    name = str(path)
+    if raw.get("format") != FORMAT:
+        raise UsageError(f"{name} is not an aria chat transcript (no \"format\": \"{FORMAT}\"); use a file made by /save")
+    if raw.get("version") != VERSION:
+        raise UsageError(f"{name} is a version {raw.get('version')} transcript; this aria reads version {VERSION}")
+    system = raw.get("system")
+    if system is not None and not isinstance(system, str):
+        raise UsageError(f"{name}: 'system' must be a string or null")
+    loaded_settings = updated_from_json(settings, raw.get("settings", {}), name)
+    turns = raw.get("turns")
+    if not isinstance(turns, list):
+        raise UsageError(f"{name}: 'turns' must be a list")
+    conversation = Conversation()
+    conversation.set_system(system)
+    missing: list[str] = []
+    for number, turn in enumerate(turns, 1):
+        role, text, sources, interrupted = _turn_fields(turn, number, name)
+        images, kept = [], []
+        for source in sources:
+            try:
+                images.append(open_image(source))
+                kept.append(source)
+            except AriaError as exc:
+                missing.append(f"turn {number}: {exc}")
+        conversation.add(role, text, images, kept, interrupted)
+    model = raw.get("model")
+    return LoadedTranscript(conversation, loaded_settings, model if isinstance(model, str) else None, missing)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{path} does not exist; give the file you saved with /save") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a directory; give the file you saved with /save") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path} is not an aria chat transcript (not a JSON object)")
+    return raw
+
+
+def _turn_fields(turn: Any, number: int, name: str) -> tuple[str, str, list[str], bool]:
+    where = f"{name}: turn {number}"
+    if not isinstance(turn, dict):
+        raise UsageError(f"{where} must be a JSON object")
+    role, text = turn.get("role"), turn.get("text")
+    sources, interrupted = turn.get("images", []), turn.get("interrupted", False)
+    if role not in _ROLES:
+        raise UsageError(f"{where}: 'role' must be one of {', '.join(_ROLES)} (got {role!r})")
+    if not isinstance(text, str):
+        raise UsageError(f"{where}: 'text' must be a string")
+    if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
+        raise UsageError(f"{where}: 'images' must be a list of paths or URLs")
+    if not isinstance(interrupted, bool):
+        raise UsageError(f"{where}: 'interrupted' must be true or false")
+    return role, text, sources, interrupted
