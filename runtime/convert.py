@@ -34,7 +34,7 @@ SIDE_FILES = (
     "added_tokens.json", "preprocessor_config.json", "processor_config.json", "chat_template.json",
     "chat_template.jinja",
 )
-DEFAULT_SHARD_BYTES = 2 * 1024**3
+DEFAULT_SHARD_BYTES = 1024**3  # also the writer's buffer: part of the memory bound
 _FREE_SPACE_MARGIN = 256 * 1024**2
 
 
@@ -100,8 +100,11 @@ def quantize_checkpoint(
                 for suffix, part in packed.items():
                     yield packed_name(name, suffix), part
             else:
+                # A private copy lets the source pages go now; the writer frees the copy with its shard.
+                kept = tensor.clone()
+                ckpt.release(name)
                 report.add(name, before, before, False)
-                yield name, tensor
+                yield name, kept
             done += before
             if progress is not None:
                 progress(done, total, name)
