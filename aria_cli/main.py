@@ -13,8 +13,12 @@ A new command (ask, chat, quantize, plan) lives in its own module: it takes its 
 from __future__ import annotations
 
 from . import console
+from .ask import ask
+from .demo_command import demo
 from .errors import AriaGroup, AriaTyper
 from .model_commands import download, models, rm
+from .plan_command import plan
+from .quantize_command import quantize
 
 app = AriaTyper(
     cls=AriaGroup,
@@ -36,6 +40,10 @@ def version() -> None:
     console.emit_text(_v("aria-cli"))
 
 
+app.command()(ask)
 app.command(rich_help_panel="Models")(download)
 app.command(rich_help_panel="Models")(models)
 app.command(rich_help_panel="Models")(rm)
+app.command(rich_help_panel="Models")(quantize)
+app.command()(demo)
+app.command()(plan)
