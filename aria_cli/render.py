@@ -60,9 +60,10 @@ class PlainOutput:
 
     def push(self, chunk: str) -> None:
         if chunk:
+            # Noted before writing: a Ctrl-C between the two must still get the final newline.
+            self.ends_with_newline = chunk.endswith("\n")
             self.stream.write(chunk)
             self.stream.flush()
-            self.ends_with_newline = chunk.endswith("\n")
 
     def close(self) -> None:
         if not self.ends_with_newline:
