@@ -47,10 +47,12 @@ def _check_scheme(name: str) -> str:
 
 
 class _ConvertProgress:
-    """Bytes and tensors done with an ETA, on stderr; a bar on a terminal, else start/end lines only."""
+    """Bytes and tensors done with an ETA, on stderr: a bar on a terminal, else a start line (and
+    the caller's end line)."""
 
-    def __init__(self, total_tensors: int):
+    def __init__(self, total_tensors: int, start_line: str):
         self.total_tensors = total_tensors
+        self.start_line = start_line  # said once the first tensor is done, i.e. once the source was accepted
         self.tensors = 0
         self._bar: Any = None
         self._task: Any = None
@@ -79,6 +81,8 @@ class _ConvertProgress:
         return f"{self.tensors}/{self.total_tensors} tensors"
 
     def __call__(self, done: int, total: int, name: str) -> None:
+        if not self.tensors and self._bar is None:
+            console.info(self.start_line)
         self.tensors += 1
         if self._bar is not None:
             self._bar.update(self._task, completed=done, total=total, tensors=self._tensors_text())
@@ -118,9 +122,8 @@ def quantize(
         raise UsageError(f"{out} already exists; choose another -o or pass --force to replace it")
     source = resolve_model_dir(src, offline=opts.offline)
     tensors = len(open_checkpoint(source).names())
-    console.info(f"quantizing {src} to {scheme} ({tensors} tensors) into {out}")
     started = time.perf_counter()
-    progress = _ConvertProgress(tensors)
+    progress = _ConvertProgress(tensors, f"quantizing {src} to {scheme} ({tensors} tensors) into {out}")
     with progress:
         result = quantize_checkpoint(source, out, get_scheme(scheme), force=force, progress=progress)
     console.detail(f"took {time.perf_counter() - started:.1f} s including the final rename")
