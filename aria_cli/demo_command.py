@@ -20,7 +20,7 @@ from .models import DEMO_ALIAS, resolve_model_dir
 from .options import OutputOptions, RunOptions, with_options
 from .settings import SETTINGS
 
-DEMO_QUESTION = "What is in this picture?"
+DEMO_QUESTION = "What is this?"  # the demo model answers e.g. "a red circle" (runtime/shapes_task.py)
 DEMO_MAX_TOKENS = 64
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
