@@ -308,3 +308,25 @@ def test_help_shows_images_then_prompt():
     result = CliRunner().invoke(app, ["ask", "--help"], env={"COLUMNS": "120"})
     assert result.exit_code == 0
     assert "aria ask [OPTIONS] [IMAGES]... [PROMPT]" in result.stdout
+
+
+def test_offloaded_experts_give_the_same_tokens_and_report_their_counters(checkpoint, pictures, reference,
+                                                                          monkeypatch):
+    """The GPU path, with "device" = CPU: a plan that keeps layer 0's experts on the host and 2 of 8
+    experts of layer 1 in slots is followed (Assistant.open -> apply_offload) and its counters reach
+    --json and -v. Only the GPU-only choice of plan is replaced; loading and offloading are real."""
+    from aria_cli import assistant_loader
+    from runtime.config import load_config
+    from runtime.placement import plan_placement
+
+    plan = plan_placement(load_config(checkpoint), 2**30, context=1024, dtype=torch.float32, n_cpu_moe=1,
+                          expert_slots=2)
+    assert plan.offloaded
+    monkeypatch.setattr(assistant_loader, "plan_for", lambda *args: plan)
+    out = answer(ask("-m", checkpoint, pictures["red"], "What is in the image?", "-n", N, "--json"))
+    check_tokens(out, reference("What is in the image?", [pictures["red"]]))
+    experts = out["experts"]
+    assert 0.0 <= experts["hit_rate"] <= 1.0
+    assert experts["cpu_computed"] > 0  # layer 0 computes every routed expert on the host
+    verbose = ask("-m", checkpoint, "hello", "-n", 4, "-v")
+    assert verbose.exit_code == 0 and "decode expert hit rate" in verbose.stderr
