@@ -145,7 +145,9 @@ class Assistant:
         self.split_image = split_image
         self.session = Session(model, min(max_context, model.config.text.max_position_embeddings), compile=compile)
         self.offload = offload  # the expert offload engine, when a plan put experts in host memory
-        self._processed: dict[int, ProcessedImages] = {}  # per picture object, computed once
+        # Per picture object, computed once. The picture is kept with its pixels: were it freed, a
+        # new picture could get its id() and be answered with the old one's pixels (chat /clear).
+        self._processed: dict[int, tuple[Image.Image, ProcessedImages]] = {}
         self.config = model.config
         self.config.tokens_per_crop(crop_size)  # refuse an unsupported crop size before any question
 
@@ -167,8 +169,8 @@ class Assistant:
         for image in images:
             key = id(image)
             if key not in self._processed:
-                self._processed[key] = preprocess_images([image], self.crop_size, self.split_image)
-            parts.append(self._processed[key])
+                self._processed[key] = (image, preprocess_images([image], self.crop_size, self.split_image))
+            parts.append(self._processed[key][1])
         if not parts:
             return preprocess_images([], self.crop_size)
         return ProcessedImages(
