@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from . import console
 from .ask import ask
+from .chat import chat
 from .demo_command import demo
 from .errors import AriaGroup, AriaTyper
 from .model_commands import download, models, rm
@@ -41,6 +42,7 @@ def version() -> None:
 
 
 app.command()(ask)
+app.command()(chat)
 app.command(rich_help_panel="Models")(download)
 app.command(rich_help_panel="Models")(models)
 app.command(rich_help_panel="Models")(rm)
