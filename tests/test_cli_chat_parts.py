@@ -1,5 +1,5 @@
 """The pieces of `aria chat` that need no model: the line parser, image paths found in a message,
-`/set` values, and the JSON transcript written by /save and read by /load.
+`/set` values, the JSON transcript written by /save and read by /load, and triple-quote blocks.
 
 Expected values are written by hand (the JSON document, the parsed settings); images are real
 files made with Pillow, and the transcript is read back with the json module.
@@ -268,3 +268,22 @@ def test_missing_transcript_and_unwritable_target(tmp_path):
 
 def test_every_set_name_is_a_setting_and_is_saved():
     assert set(settings_json(default_options())) == set(NAMES) <= set(SETTINGS)
+
+
+# --- reading input (the terminal side is driven in test_cli_chat.py) ------------------------
+
+
+def test_triple_quotes_make_one_message_of_several_lines(monkeypatch):
+    import io
+
+    from aria_cli.chat_input import LineReader
+
+    typed = '"""First line\n\n  indented\nlast"""\n"""all on one line"""\nplain\n"""never closed\n'
+    monkeypatch.setattr("sys.stdin", io.StringIO(typed))
+    reader = LineReader(history_file=None)
+    assert not reader.interactive
+    assert reader.read_message() == "First line\n\n  indented\nlast"
+    assert reader.read_message() == "all on one line"
+    assert reader.read_message() == "plain"
+    with pytest.raises(EOFError):
+        reader.read_message()
