@@ -77,13 +77,13 @@ def plan(
         help="Weight format to plan for; the same as --quant (default: the model's own, else all of bf16, "
              "int8, int4 in the summary).")] = None,
     gpu_bandwidth: Annotated[float, typer.Option(
-        "--gpu-bandwidth", metavar="GB/s", min=0.001, help="GPU memory bandwidth for the speed bound.")]
+        "--gpu-bandwidth", metavar="GB/s", help="GPU memory bandwidth for the speed bound.")]
     = _DEFAULT_BW.device,
     pcie_bandwidth: Annotated[float, typer.Option(
-        "--pcie-bandwidth", metavar="GB/s", min=0.001, help="Host-to-GPU copy bandwidth (pinned memory).")]
+        "--pcie-bandwidth", metavar="GB/s", help="Host-to-GPU copy bandwidth (pinned memory).")]
     = _DEFAULT_BW.pcie,
     cpu_bandwidth: Annotated[float, typer.Option(
-        "--cpu-bandwidth", metavar="GB/s", min=0.001, help="CPU memory bandwidth, for experts computed there.")]
+        "--cpu-bandwidth", metavar="GB/s", help="CPU memory bandwidth, for experts computed there.")]
     = _DEFAULT_BW.cpu,
     *,
     opts: PlacementOptions,
@@ -98,6 +98,10 @@ def plan(
     chosen, fixed = _scheme(opts, scheme, config)
     dtype = _DTYPES[opts.dtype]
     context = context_length(opts.max_context, config)
+    for flag, value in (("--gpu-bandwidth", gpu_bandwidth), ("--pcie-bandwidth", pcie_bandwidth),
+                        ("--cpu-bandwidth", cpu_bandwidth)):
+        if not value > 0:
+            raise UsageError(f"{flag} must be more than 0 GB/s (got {value:g})")
     bandwidth = Bandwidths(device=gpu_bandwidth, pcie=pcie_bandwidth, cpu=cpu_bandwidth)
     placement = {"context": context, "dtype": dtype, "cpu_moe": opts.cpu_moe, "n_cpu_moe": opts.n_cpu_moe,
                  "expert_slots": opts.expert_slots, "bandwidth": bandwidth}

@@ -100,7 +100,7 @@ def quantize(
     output: Annotated[str | None, typer.Option(
         "-o", "--output", metavar="DIR|NAME", show_default=False,
         help="Output directory; a bare NAME goes to aria's models folder and works as `-m NAME` "
-             "(default: <source name>-<scheme> there, e.g. aria-int4).")] = None,
+             "(default: the source's name and the scheme there, e.g. aria-int4).")] = None,
     scheme: Annotated[str, typer.Option(
         "--scheme", metavar="int4|int8|nf4",
         help="int4: group-wise 4-bit (smallest, fast); int8: per-channel 8-bit (closest to bf16); "

@@ -102,6 +102,9 @@ def test_bad_placement_flags_are_usage_errors():
     result = plan("--gpu-memory", "24GiB", "--n-cpu-moe", "40")
     assert (result.exit_code, result.stdout) == (2, "")
     assert result.stderr == "error: --n-cpu-moe must be 0 to 28 (the model's layers), got 40\n"
+    result = plan("--gpu-memory", "24GiB", "--pcie-bandwidth", "0")
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == "error: --pcie-bandwidth must be more than 0 GB/s (got 0)\n"
 
 
 def test_without_a_budget_it_summarises_common_cards():
