@@ -103,6 +103,9 @@ def ask(
     args = [*(images or []), *([prompt] if prompt is not None else [])]
     image = list(image or [])
     question = parse_question(args, image, read_piped_text(args + image))
+    if STDIN_NAME in question.sources and sys.stdin is not None and sys.stdin.isatty():
+        raise UsageError("`-` reads a picture from standard input, but nothing is piped in; "
+                         "e.g. cat photo.jpg | aria ask - \"what is this?\"")
     pictures = [load_image(source, offline=opts.offline) for source in question.sources]
     assistant = open_assistant(opts)
     run_question(assistant, question.prompt, pictures, question.sources, opts)

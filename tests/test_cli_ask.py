@@ -330,3 +330,58 @@ def test_offloaded_experts_give_the_same_tokens_and_report_their_counters(checkp
     assert experts["cpu_computed"] > 0  # layer 0 computes every routed expert on the host
     verbose = ask("-m", checkpoint, "hello", "-n", 4, "-v")
     assert verbose.exit_code == 0 and "decode expert hit rate" in verbose.stderr
+
+
+def test_picture_by_url_and_a_system_prompt(checkpoint, pictures, reference):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = pictures["blue"].read_bytes()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/blue.png"
+        out = answer(ask("-m", checkpoint, url, "What is in the image?", "-n", N, "--json"))
+        offline = ask("-m", checkpoint, url, "What is in the image?", "--offline")
+    finally:
+        server.shutdown()
+        server.server_close()
+    check_tokens(out, reference("What is in the image?", [pictures["blue"]]))
+    one_line_error(offline, 1, f"error: cannot fetch {url}: offline mode allows no downloads; "
+                               "save the image and pass its path")
+
+    system = answer(ask("-m", checkpoint, "Hello!", "-s", "Answer in French.", "-n", N, "--json"))
+    chat = Conversation()
+    chat.set_system("Answer in French.")
+    chat.add("user", "Hello!")
+    check_tokens(system, reference_tokens(checkpoint, chat, N))
+
+
+def test_max_context_reaches_the_kv_cache(checkpoint):
+    result = ask("-m", checkpoint, "Tell me about the sea and the sky.", "--max-context", "8")
+    assert result.exit_code == 1 and result.stdout == "" and result.stderr.count("\n") == 1
+    assert "but the context holds 8" in result.stderr
+
+
+def test_dash_with_nothing_piped_in_does_not_wait_for_the_keyboard(checkpoint):
+    master, slave = pty.openpty()
+    try:
+        result = ask_process("-m", checkpoint, "-", "What is this?", stdin=slave)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert result.returncode == 2 and result.stdout == b""
+    assert result.stderr.decode() == ('error: `-` reads a picture from standard input, but nothing is piped in; '
+                                      'e.g. cat photo.jpg | aria ask - "what is this?"\n')
