@@ -37,7 +37,7 @@ class KVCache:
         if start + length > self.max_len:
             raise InputError(
                 f"the conversation needs {start + length} tokens but the context holds {self.max_len}; "
-                "start a new chat (/clear) or raise --max-context"
+                "raise --max-context, shorten the prompt, or (in a chat) /clear"
             )
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
