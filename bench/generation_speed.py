@@ -10,7 +10,7 @@ imports nothing heavy). Each row: batch 1, a prompt of `--prompt-tokens` text to
 image, `--new-tokens` greedy tokens, one warm-up generation (pages the mmap'd weights in, builds
 kernels, compiles) then `--repeats` timed ones. The whole list of rows runs `--rounds` times,
 interleaved, and each figure keeps its best round: the machine is shared, so noise only ever
-slows a run down.
+slows a run down. Before each row the parent waits (up to --quiet-wait s) for the CPUs to be idle.
 
 Figures: time to first token (prefill incl. vision tower + first sample), prefill tokens/s (prompt
 tokens / TTFT), decode tokens/s (the other tokens / their time), peak RSS; for float rows also the
@@ -140,7 +140,11 @@ def worker_ours(args) -> dict:
 
 
 def roofline(model, clock, repeats: int) -> dict:
-    """Best time of a plain loop of matmuls over one decoded token's active weights."""
+    """Best time of a plain loop of products over one decoded token's active weights.
+
+    Two plain loops, and the faster counts: gemm (F.linear, x @ W, as stored) and gemv (torch.mv
+    on the [out, in] view of each weight, which is contiguous for nn.Linear and for re-laid experts).
+    """
     import torch
     import torch.nn.functional as F
 
@@ -159,7 +163,7 @@ def roofline(model, clock, repeats: int) -> dict:
     nbytes = sum(w.numel() * w.element_size() for w in linears)
     nbytes += sum(k * (a[0].numel() * a.element_size() + b[0].numel() * b.element_size()) for a, b in experts)
 
-    def one_token():
+    def gemm_token():
         for w in linears:
             F.linear(vec[w.shape[1]], w)
         for fc1, fc2 in experts:
@@ -167,15 +171,26 @@ def roofline(model, clock, repeats: int) -> dict:
                 vec[fc1.shape[1]] @ fc1[e]
                 vec[fc2.shape[1]] @ fc2[e]
 
-    best = float("inf")
+    def gemv_token():
+        for w in linears:
+            torch.mv(w, vec[w.shape[1]][0])
+        for fc1, fc2 in experts:
+            for e in torch.randperm(fc1.shape[0], generator=gen)[:k].tolist():
+                torch.mv(fc1[e].T, vec[fc1.shape[1]][0])
+                torch.mv(fc2[e].T, vec[fc2.shape[1]][0])
+
+    best = {"gemm": float("inf"), "gemv": float("inf")}
     with torch.inference_mode():
         for _ in range(2 + 3 * repeats):
-            t0 = clock.mark()
-            for _ in range(8):
-                one_token()
-            t1 = clock.mark()
-            best = min(best, clock.seconds(t0, t1) / 8)
-    return {"roofline_tps": 1 / best, "active_mb": nbytes / 2**20, "roofline_gbps": nbytes / best / 1e9}
+            for name, one_token in (("gemm", gemm_token), ("gemv", gemv_token)):
+                t0 = clock.mark()
+                for _ in range(8):
+                    one_token()
+                t1 = clock.mark()
+                best[name] = min(best[name], clock.seconds(t0, t1) / 8)
+    kind = min(best, key=best.get)
+    return {"roofline_tps": 1 / best[kind], "active_mb": nbytes / 2**20, "roofline_gbps": nbytes / best[kind] / 1e9,
+            "roofline_kind": kind}
 
 
 class _Stamps:
@@ -230,6 +245,28 @@ def write_checkpoint(path: str, config_name: str) -> None:
 
 
 # ----- parent side ---------------------------------------------------------------------------------
+
+
+def _cpu_busy_fraction(seconds: float = 1.0) -> float:
+    """Share of all CPUs busy over `seconds` (from /proc/stat), to spot other people's work."""
+
+    def sample():
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def _wait_for_quiet(max_wait: float) -> float:
+    """Wait (up to max_wait s) until the CPUs are nearly idle; return the busy share seen last."""
+    deadline = time.monotonic() + max_wait
+    busy = _cpu_busy_fraction()
+    while busy > 0.1 and time.monotonic() < deadline:
+        busy = _cpu_busy_fraction(2.0)
+    return busy
 
 
 def _run_worker(args, ckpt: str, runtime: str, dtype: str, quant: str | None) -> dict:
@@ -295,7 +332,8 @@ def _report(rows: dict, args) -> None:
               f"prefill x{ours['prefill_tps'] / ref['prefill_tps']:.2f}   "
               f"TTFT x{ours['ttft_ms'] / ref['ttft_ms']:.2f}   peak RSS x{ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}   "
               f"greedy tokens: {agree}")
-        print(f"  {'':<9} roofline: {ours['active_mb']:.0f} MB of weights per token at {ours['roofline_gbps']:.1f} GB/s")
+        print(f"  {'':<9} roofline: {ours['active_mb']:.1f} MB of weights per token at "
+              f"{ours['roofline_gbps']:.1f} GB/s ({ours['roofline_kind']} loop)")
     bf16 = rows.get(("ours", "bfloat16"))
     for quant in args.quant:
         q = rows.get(("ours", quant))
@@ -318,6 +356,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="add rows of ours with compiled decode")
     parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--quiet-wait", type=float, default=120.0,
+                        help="before each row wait up to this many seconds for other work to leave the CPUs (0: don't)")
     parser.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -345,10 +385,12 @@ def main() -> None:
                        check=True, cwd=REPO)
         for rnd in range(args.rounds):
             for runtime, weights, quant in jobs:
+                busy = _wait_for_quiet(args.quiet_wait) if args.quiet_wait else None
                 result = _run_worker(args, tmp, runtime, weights if not quant else args.quant_dtype, quant)
                 rows[(runtime, weights)] = _merge(rows.get((runtime, weights)), result)
                 shown = "failed" if "error" in result else f"decode {result['decode_tps']:.1f} t/s, TTFT {result['ttft_ms']:.0f} ms"
-                print(f"round {rnd + 1}: {runtime} {weights}: {shown}", file=sys.stderr, flush=True)
+                noise = "" if busy is None else f" (CPUs {busy:.0%} busy before)"
+                print(f"round {rnd + 1}: {runtime} {weights}: {shown}{noise}", file=sys.stderr, flush=True)
     _report(rows, args)
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .decode_kernels import linear
 from .model import AriaForConditionalGeneration
 from .sampling import Sampler, SamplingParams
 
@@ -39,7 +40,7 @@ def decode_logits(model: AriaForConditionalGeneration, token: torch.Tensor, cach
     """
     lm = model.language_model
     hidden = lm.model(lm.model.embed_tokens(token), cache, where)
-    return lm.lm_head(hidden[:, -1]).float()
+    return linear(lm.lm_head, hidden[:, -1]).float()
 
 
 class _TokenReader:

@@ -18,6 +18,7 @@ from quant import Scheme, get_scheme, scheme_from_metadata
 
 from .checkpoint import Checkpoint, check_fits, load_weights, open_checkpoint
 from .config import AriaConfig, load_config
+from .decode_kernels import use_gemv_layout
 from .errors import CheckpointError, UsageError
 from .model import AriaForConditionalGeneration, build_model
 from .quant_targets import is_quantized, packed_name, stored_shape
@@ -53,7 +54,8 @@ def load_model_with_report(
     elif quant not in (None, "none"):
         report = _load_and_quantize(model, path, _scheme(quant), dtype, device)
     else:
-        load_weights(model, path, dtype=dtype, device=device)
+        ckpt = load_weights(model, path, dtype=dtype, device=device)
+        use_gemv_layout(model, release=ckpt.release)  # bf16 on the CPU: see runtime.decode_kernels
     model.reset_buffers()
     return model.eval(), report
 

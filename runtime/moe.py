@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TextConfig
+from .decode_kernels import linear, row_matmul
 
 
 class GroupedWeight(nn.Module):
@@ -120,9 +121,9 @@ def one_token_routed_sum(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Te
     the gate/up halves of all k run through one SwiGLU.
     """
     experts = top_idx[0].tolist()
-    gate_up = torch.cat([x @ fc1[e] for e in experts])  # [k, 2I]
+    gate_up = torch.cat([row_matmul(x, fc1[e]) for e in experts])  # [k, 2I]
     act = swiglu(gate_up)
-    ys = torch.cat([act[j : j + 1] @ fc2[e] for j, e in enumerate(experts)])  # [k, H]
+    ys = torch.cat([row_matmul(act[j : j + 1], fc2[e]) for j, e in enumerate(experts)])  # [k, H]
     return top_w.to(ys.dtype) @ ys
 
 
@@ -179,7 +180,7 @@ class SharedExperts(nn.Module):
         self.down_proj = nn.Linear(w, h, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return linear(self.down_proj, F.silu(linear(self.gate_proj, x)) * linear(self.up_proj, x))
 
 
 class MoEBlock(nn.Module):
@@ -192,7 +193,7 @@ class MoEBlock(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> (expert ids [N, k], weights [N, k]) in x's dtype."""
-        logits = self.router(x)
+        logits = linear(self.router, x)
         top_logits, top_idx = torch.topk(logits, self.top_k, dim=-1)
         return top_idx, torch.softmax(top_logits.float(), dim=-1).to(x.dtype)
 

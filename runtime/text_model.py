@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TextConfig
+from .decode_kernels import linear
 from .kv_cache import KVCache
 from .moe import MoEBlock
 
@@ -100,9 +101,9 @@ class Attention(nn.Module):
         as a device tensor (static shapes: the whole cache is attended, `mask` hides the rest).
         `mask` None means: no mask for one token, causal for a chunk (see TextModel.attention_mask)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q = linear(self.q_proj, x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = linear(self.k_proj, x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = linear(self.v_proj, x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:  # training, one-shot scoring: the chunk attends to itself only
             keys, values = k, v
@@ -113,7 +114,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=self.n_kv != self.n_heads
         )
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return linear(self.o_proj, out.transpose(1, 2).reshape(b, t, -1))
 
 
 class DecoderLayer(nn.Module):
