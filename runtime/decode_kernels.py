@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -25,10 +26,16 @@ def _one_cpu_row(x: torch.Tensor) -> bool:
 
 
 def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """module(x), as a gemv when x is one bf16 row on the CPU and module a plain bias-free nn.Linear."""
-    if type(module) is nn.Linear and module.bias is None and _one_cpu_row(x):
+    """module(x), as a gemv when x is one bf16 row on the CPU and module a plain bias-free nn.Linear.
+
+    A plain nn.Linear is applied directly (F.linear): the module call machinery costs as much as
+    the product itself for a small decode step.
+    """
+    if type(module) is not nn.Linear:
+        return module(x)
+    if module.bias is None and _one_cpu_row(x):
         return torch.mv(module.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
-    return module(x)
+    return F.linear(x, module.weight, module.bias)
 
 
 def row_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .decode_kernels import linear
 from .model import AriaForConditionalGeneration
@@ -39,7 +40,7 @@ def decode_logits(model: AriaForConditionalGeneration, token: torch.Tensor, cach
     Text only: skips the image merge of `model.forward` (and its host-side count of image tokens).
     """
     lm = model.language_model
-    hidden = lm.model(lm.model.embed_tokens(token), cache, where)
+    hidden = lm.model(F.embedding(token, lm.model.embed_tokens.weight), cache, where)
     return linear(lm.lm_head, hidden[:, -1]).float()
 
 

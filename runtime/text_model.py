@@ -24,9 +24,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32, cast back, then scale in the activation dtype (as the reference).
+        # (F.rms_norm computes a bf16/fp16 input in fp32 and rounds once: the same numbers.)
         if x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+        return self.weight * F.rms_norm(x, self.weight.shape, eps=self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -44,12 +45,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", 1.0 / (theta**exponent), persistent=False)
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
+        self._typed: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def reset_parameters(self, head_dim: int, theta: float, device: torch.device | str) -> None:
         """Rebuild the (non-persistent) inverse frequencies, e.g. after building on the meta device."""
         exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
         self.inv_freq = 1.0 / (theta**exponent)
         self._cos = self._sin = None
+        self._typed = {}
 
     def ensure(self, length: int) -> None:
         """Make the tables cover positions [0, length)."""
@@ -59,15 +62,24 @@ class RotaryEmbedding(nn.Module):
             freqs = pos[:, None] * self.inv_freq[None, :]
             self._cos = torch.cat((freqs, freqs), dim=-1).cos()
             self._sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+            self._typed = {}
+
+    def _tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # Computed in fp32, cast once per activation dtype (not once per step).
+        if dtype not in self._typed:
+            self._typed[dtype] = (self._cos.to(dtype), self._sin.to(dtype))
+        return self._typed[dtype]
 
     def span(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, signed sin [length, head_dim] for positions start..start+length-1, in `dtype`."""
         self.ensure(start + length)
-        return self._cos[start : start + length].to(dtype), self._sin[start : start + length].to(dtype)
+        cos, sin = self._tables(dtype)
+        return cos[start : start + length], sin[start : start + length]
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] (device tensor, already covered by `ensure`) -> cos, signed sin [T, head_dim]."""
-        return self._cos[positions].to(dtype), self._sin[positions].to(dtype)
+        cos, sin = self._tables(dtype)
+        return cos[positions], sin[positions]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -99,11 +111,11 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """`where`: first position as an int (the cache returns the valid prefix), or the positions
         as a device tensor (static shapes: the whole cache is attended, `mask` hides the rest).
-        `mask` None means: no mask for one token, causal for a chunk (see TextModel.attention_mask)."""
+        `mask` None means: no mask for one token, causal for a chunk (see TextModel._run)."""
         b, t, _ = x.shape
-        q = linear(self.q_proj, x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = linear(self.k_proj, x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = linear(self.v_proj, x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q = self._heads(linear(self.q_proj, x), self.n_heads)
+        k = self._heads(linear(self.k_proj, x), self.n_kv)
+        v = self._heads(linear(self.v_proj, x), self.n_kv)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:  # training, one-shot scoring: the chunk attends to itself only
             keys, values = k, v
@@ -114,7 +126,14 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=self.n_kv != self.n_heads
         )
-        return linear(self.o_proj, out.transpose(1, 2).reshape(b, t, -1))
+        return linear(self.o_proj, (out if t == 1 else out.transpose(1, 2)).reshape(b, t, -1))
+
+    def _heads(self, y: torch.Tensor, n: int) -> torch.Tensor:
+        """[b, t, n*d] -> [b, n, t, d]; for one token a view is enough (decode: fewer ops per step)."""
+        b, t, _ = y.shape
+        if t == 1:
+            return y.view(b, n, 1, self.head_dim)
+        return y.view(b, t, n, self.head_dim).transpose(1, 2)
 
 
 class DecoderLayer(nn.Module):
