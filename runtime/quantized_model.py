@@ -46,6 +46,12 @@ class QuantizedRoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
         return routed_sum(x, top_idx, top_w, self.num_experts, self.run_expert)
 
+    def prepare_for(self, device: torch.device | str) -> None:
+        """Prepare every expert again for `device` (kernel layouts differ per device type)."""
+        fc1, fc2 = self._packed
+        self.fc1 = [self.scheme.prepare(slice_packed(fc1, e), device, self.dtype) for e in range(self.num_experts)]
+        self.fc2 = [self.scheme.prepare(slice_packed(fc2, e), device, self.dtype) for e in range(self.num_experts)]
+
     def expert_codec(self):
         """How the offload engine moves and runs these experts (runtime.offload.codec)."""
         from .offload.codec import QuantizedExpertCodec  # offload builds on this module
@@ -144,6 +150,7 @@ def install_packed(
             new = QuantizedRoutedExperts(scheme, packed[names[0]], packed[names[1]], device, dtype)
         else:
             new = QuantizedLinear.from_packed(packed[names[0]], scheme, device, dtype=dtype)
+            new.packed = packed[names[0]]  # kept to prepare again for another device (move_model)
         for n in names:
             report.add(n, before[n], sum(_nbytes(t) for t in packed[n].values()), True)
         setattr(parent, attr, new)
@@ -151,3 +158,21 @@ def install_packed(
         for name, param in model.named_parameters():
             report.add(name, _nbytes(param), _nbytes(param), False)
     return report
+
+
+def move_model(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """`model.to(device)` that also moves quantized modules.
+
+    Their prepared weights are kernel layouts tied to one device type (int4's CPU and CUDA
+    packings differ), so `.to()` cannot move them: they are prepared again from the packed form.
+    """
+    device = torch.device(device)
+    for module in list(model.modules()):
+        for attr, child in list(module.named_children()):
+            if isinstance(child, QuantizedRoutedExperts) and child.fc1 and child.fc1[0].device != device:
+                child.prepare_for(device)
+            elif isinstance(child, QuantizedLinear) and child.prepared.device != device:
+                moved = QuantizedLinear.from_packed(child.packed, child.scheme, device, dtype=child.prepared.dtype)
+                moved.packed = child.packed
+                setattr(module, attr, moved)
+    return model.to(device)

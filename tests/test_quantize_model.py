@@ -180,3 +180,27 @@ def test_on_the_fly_report_counts_floats_and_quantized(sources):
     assert report.unquantized_experts() == 0
     assert report.quantized["routed experts"] == 2 * CONFIG.text.num_hidden_layers
     assert report.kept["lm_head"] == 1 and report.quantized["lm_head"] == 0
+
+
+def test_moving_a_quantized_model_prepares_its_kernels_again_for_the_device(sources, monkeypatch):
+    # Prepared weights are per-device kernel layouts that .to() cannot move. No GPU here, so the
+    # move targets the meta device and prepare() records where it was asked to prepare for.
+    from quant.base import Scheme
+    from runtime.quantized_model import QuantizedRoutedExperts, move_model
+
+    model = load_model(sources["c1"], torch.float32, quant="int8")
+    asked = []
+    original = Scheme.prepare
+
+    def recording_prepare(self, packed, device=None, dtype=torch.bfloat16):
+        asked.append(torch.device(device).type)
+        return original(self, packed, "cpu", dtype)
+
+    monkeypatch.setattr(Scheme, "prepare", recording_prepare)
+    move_model(model, "meta")
+    layers = CONFIG.text.num_hidden_layers
+    linears = layers * (4 + 3)  # q, k, v, o + shared gate, up, down
+    experts = layers * 2 * CONFIG.text.moe_num_experts
+    assert asked == ["meta"] * (linears + experts)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert sum(isinstance(m, QuantizedRoutedExperts) for m in model.modules()) == layers

@@ -20,6 +20,7 @@ from ..device import CopyStream, as_device
 from ..errors import PlacementError
 from ..model import AriaForConditionalGeneration
 from ..placement import CACHE, DEVICE, HOST, Plan
+from ..quantized_model import move_model
 from .cache import DEFAULT_DECAY, ExpertCache
 from .codec import codec_for
 from .experts import OffloadContext, OffloadedExperts, StreamPool
@@ -123,7 +124,7 @@ def apply_offload(
         layers[lp.layer].mlp.experts = experts
         offloaded[lp.layer] = experts
 
-    model.to(device)  # what is left: dense weights and resident experts
+    move_model(model, device)  # what is left: dense weights and resident experts
     ledger.add("device", "weights", sum(p.numel() * p.element_size() for p in model.parameters()))
     if plan.stream_buffers and any(not e.host_only for e in offloaded.values()):
         ctx.stream_pool = StreamPool(_device_rows(plan.stream_buffers, plan.slot_bytes, device))
