@@ -95,3 +95,15 @@ def test_loaded_bf16_model_is_relaid_and_computes_the_same(tmp_path):
         step = [decode_logits(m, torch.tensor([[99]]), c, 24) for m, c in zip((loaded, plain), caches)]
     for got, expected in (prefill, step):
         assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+def test_forward_hooks_still_see_every_call():
+    """Instrumentation (e.g. routing traces) hooks the modules; the direct paths must not skip them."""
+    seen = []
+    for dtype in (torch.float32, torch.bfloat16):
+        module = nn.Linear(16, 8, bias=False).to(dtype)
+        module.register_forward_hook(lambda mod, args, out: seen.append(out))
+        x = torch.randn(1, 16).to(dtype)
+        out = linear(module, x)
+        assert seen[-1] is out and torch.equal(out, torch.nn.functional.linear(x, module.weight))
+    assert len(seen) == 2
