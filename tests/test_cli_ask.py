@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
+from user_env import isolate_user_env
 
 from aria_cli.main import app
 from runtime.assistant import Conversation
@@ -76,12 +77,7 @@ def reference(checkpoint):
 
 @pytest.fixture(autouse=True)
 def env(tmp_path, monkeypatch):
-    for var in list(os.environ):
-        if var.startswith("ARIA_") or var in ("HF_HUB_OFFLINE", "HF_ENDPOINT"):
-            monkeypatch.delenv(var)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    isolate_user_env(monkeypatch, tmp_path)
 
 
 def ask(*args: str, input: bytes | str | None = None):

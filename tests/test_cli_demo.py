@@ -17,6 +17,7 @@ import textwrap
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
+from user_env import isolate_user_env
 
 from aria_cli import models
 from aria_cli.demo_command import DEMO_MAX_TOKENS, DEMO_QUESTION
@@ -38,12 +39,7 @@ def demo_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def env(tmp_path, monkeypatch, demo_dir):
-    for var in list(os.environ):
-        if var.startswith("ARIA_") or var in ("HF_HUB_OFFLINE", "HF_ENDPOINT"):
-            monkeypatch.delenv(var)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    isolate_user_env(monkeypatch, tmp_path)
     monkeypatch.setattr(models, "DEMO_MODEL_DIR", demo_dir)
 
 

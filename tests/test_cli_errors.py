@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import typer
 from typer.testing import CliRunner
+from user_env import isolate_user_env
 
 from aria_cli.errors import AriaGroup
 from aria_cli.main import app
@@ -54,12 +55,7 @@ def invoke(*args: str, target=probe):
 
 @pytest.fixture(autouse=True)
 def clean_env(tmp_path, monkeypatch):
-    for var in list(os.environ):
-        if var.startswith("ARIA_") or var in ("HF_HUB_OFFLINE", "HF_ENDPOINT"):
-            monkeypatch.delenv(var)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    isolate_user_env(monkeypatch, tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from test_cli_download import TINY_CONFIG, WANTED, tiny_repo_files
 from typer.testing import CliRunner
+from user_env import isolate_user_env
 
 from aria_cli import models
 from aria_cli.download import select_files
@@ -27,12 +28,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    for var in list(os.environ):
-        if var.startswith("ARIA_") or var in ("HF_HUB_OFFLINE", "HF_HUB_CACHE"):
-            monkeypatch.delenv(var)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    isolate_user_env(monkeypatch, tmp_path)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
     monkeypatch.chdir(tmp_path)
     return tmp_path

@@ -9,10 +9,10 @@ planner's arithmetic is tested in test_placement.py); facts from the design note
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 from typer.testing import CliRunner
+from user_env import isolate_user_env
 
 from aria_cli.main import app
 from runtime.config import AriaConfig, load_config
@@ -28,12 +28,7 @@ GIB = 2**30
 
 @pytest.fixture(autouse=True)
 def env(tmp_path, monkeypatch):
-    for var in list(os.environ):
-        if var.startswith("ARIA_") or var in ("HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_HUB_CACHE"):
-            monkeypatch.delenv(var)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: nothing is downloaded
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    isolate_user_env(monkeypatch, tmp_path)
     return tmp_path
 
 

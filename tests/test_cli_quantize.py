@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 from typer.testing import CliRunner
+from user_env import isolate_user_env
 
 from aria_cli.main import app
 from runtime.assistant import Assistant, Conversation, GenerationOptions
@@ -31,12 +32,7 @@ def source(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def env(tmp_path, monkeypatch):
-    for var in list(os.environ):
-        if var.startswith("ARIA_") or var in ("HF_HUB_OFFLINE", "HF_ENDPOINT"):
-            monkeypatch.delenv(var)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    isolate_user_env(monkeypatch, tmp_path)
     return tmp_path
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Annotated
 
 import pytest
 import typer
 from typer.testing import CliRunner
+from user_env import isolate_user_env
 
 from aria_cli import console
 from aria_cli.errors import AriaGroup
@@ -46,11 +46,7 @@ def other() -> None:
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    for var in list(os.environ):
-        if var.startswith("ARIA_") or var == "HF_HUB_OFFLINE":
-            monkeypatch.delenv(var)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    isolate_user_env(monkeypatch, tmp_path)
     return monkeypatch
 
 
