@@ -91,3 +91,25 @@ def emit_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         return
     for row in (columns, *rows):
         emit_text("\t".join(row))
+
+
+def byte_progress(label: str, *extra_columns: Any):
+    """A started Rich bar on stderr (label, bar, bytes, extras, speed, ETA) or None when quiet or
+    stderr is not a terminal. The caller adds its task and stops the bar."""
+    if is_quiet() or not stderr_is_terminal():
+        return None
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    bar = Progress(
+        TextColumn(label), BarColumn(), DownloadColumn(binary_units=True), *extra_columns,
+        TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True,
+    )
+    bar.start()
+    return bar

@@ -243,23 +243,9 @@ class _ByteProgress:
             self._bar.update(self._task, completed=self.bytes_done())
 
     def __enter__(self) -> None:
-        if console.is_quiet() or not console.stderr_is_terminal():
-            return
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        self._bar = Progress(
-            TextColumn("downloading"), BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn(),
-            TimeRemainingColumn(), console=console.err, transient=True,
-        )
-        self._task = self._bar.add_task("download", total=self._total, completed=self.bytes_done())
-        self._bar.start()
+        self._bar = console.byte_progress("downloading")
+        if self._bar is not None:
+            self._task = self._bar.add_task("download", total=self._total, completed=self.bytes_done())
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:

@@ -58,24 +58,11 @@ class _ConvertProgress:
         self._task: Any = None
 
     def __enter__(self) -> None:
-        if console.is_quiet() or not console.stderr_is_terminal():
-            return
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
+        from rich.progress import TextColumn
 
-        self._bar = Progress(
-            TextColumn("quantizing"), BarColumn(), DownloadColumn(binary_units=True),
-            TextColumn("{task.fields[tensors]}"), TransferSpeedColumn(), TimeRemainingColumn(),
-            console=console.err, transient=True,
-        )
-        self._task = self._bar.add_task("quantize", total=None, tensors=self._tensors_text())
-        self._bar.start()
+        self._bar = console.byte_progress("quantizing", TextColumn("{task.fields[tensors]}"))
+        if self._bar is not None:
+            self._task = self._bar.add_task("quantize", total=None, tensors=self._tensors_text())
 
     def _tensors_text(self) -> str:
         return f"{self.tensors}/{self.total_tensors} tensors"
