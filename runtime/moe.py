@@ -72,6 +72,8 @@ def routed_sum(
     experts it leaves out contribute nothing (their share is summed by another call).
     The per-expert token counts go to the host once: the caller's store decides per expert.
     """
+    if x.shape[0] == 1:
+        return _one_token_routed_sum(x, top_idx, top_w, run_expert, expert_order)
     k = top_idx.shape[1]
     flat = top_idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
@@ -84,6 +86,17 @@ def routed_sum(
             continue
         ys[begin : ends[expert]] = run_expert(expert, xs[begin : ends[expert]])
     return _combine(ys, order, top_w)
+
+
+def _one_token_routed_sum(x, top_idx, top_w, run_expert, expert_order) -> torch.Tensor:
+    """routed_sum for one token (decode): its k experts straight from the ids, no sort, no scatter."""
+    chosen = top_idx[0].tolist()
+    run = chosen if expert_order is None else [e for e in expert_order if e in chosen]
+    if not run:
+        return torch.zeros_like(x)
+    ys = torch.cat([run_expert(e, x) for e in run])  # [len(run), H]
+    weights = top_w if run == chosen else top_w[:, [chosen.index(e) for e in run]]
+    return weights.to(ys.dtype) @ ys
 
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:
