@@ -346,6 +346,10 @@ def _report(rows: dict, args) -> None:
               f"greedy tokens: {agree}")
         print(f"  {'':<9} roofline: {ours['active_mb']:.1f} MB of weights per token at "
               f"{ours['roofline_gbps']:.1f} GB/s ({ours['roofline_kind']} loop)")
+        compiled = rows.get(("compiled", dtype))
+        if compiled and "error" not in compiled:
+            print(f"  {'':<9} compiled decode x{compiled['decode_tps'] / ref['decode_tps']:.2f} of the reference "
+                  f"(compile {compiled['compile_s']:.1f} s, once per session)")
     bf16 = rows.get(("ours", "bfloat16"))
     for quant in args.quant:
         q = rows.get(("ours", quant))

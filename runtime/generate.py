@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .decode_kernels import linear
 from .model import AriaForConditionalGeneration
+from .moe import grouped_mm_supported
 from .sampling import Sampler, SamplingParams
 
 
@@ -198,9 +199,11 @@ def _compile_decode(model: AriaForConditionalGeneration, cache, backend: str):
     Not `fullgraph`: an expert store that needs the host (offload, quantized routed_sum) splits
     the graph there instead of failing; float experts trace whole (tests check it).
     """
-    cuda = model.device.type == "cuda"
-    if cuda:  # CUDA graphs need the cache at fixed addresses; it is updated in place
+    # CUDA graphs only where the float expert dispatch never syncs (grouped_mm: bf16, SM80+); an
+    # fp32 model on CUDA reads its expert counts on the host, which a graph capture cannot hold.
+    probe = torch.empty(0, dtype=model.dtype, device=model.device)
+    graphs = model.device.type == "cuda" and backend == "inductor" and grouped_mm_supported(probe)
+    if graphs:  # the cache must sit at fixed addresses; it is updated in place
         for tensor in cache.keys + cache.values:
             torch._dynamo.mark_static_address(tensor)
-    mode = "reduce-overhead" if cuda and backend == "inductor" else None
-    return torch.compile(decode_logits, dynamic=False, backend=backend, mode=mode)
+    return torch.compile(decode_logits, dynamic=False, backend=backend, mode="reduce-overhead" if graphs else None)
