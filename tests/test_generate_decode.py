@@ -187,3 +187,28 @@ def test_closing_early_leaves_a_cache_the_next_turn_can_trust(model, free_run, a
     assert session.stats.prefilled_tokens == len(turn2) - (len(ids) + (6 if ahead else 5))
     expected, _ = greedy(model, turn2, 10)
     assert resumed == expected
+
+
+def test_long_prompt_attention_never_sees_more_than_a_chunk_of_queries(model, monkeypatch):
+    """The point of chunking: no step builds a T x T mask or score matrix for a long prompt."""
+    import torch.nn.functional as F
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kwargs):
+        seen.append((q.shape[-2], k.shape[-2], None if attn_mask is None else tuple(attn_mask.shape)))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    text = model.language_model.model
+    ids = torch.tensor([text_prompt(model, 300, seed=4)])
+    cache = model.new_cache(300)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    monkeypatch.setattr(text, "prefill_chunk", 64)
+    with torch.inference_mode():
+        model(ids, cache, 0)
+    assert len(seen) == 5 * model.config.text.num_hidden_layers  # ceil(300 / 64) chunks per layer (no image)
+    for queries, keys, mask in seen:
+        assert queries <= 64
+        assert mask is None or mask == (queries, keys)
+    assert {keys for _, keys, _ in seen} == {64, 128, 192, 256, 300}
