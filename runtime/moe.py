@@ -4,13 +4,17 @@ router top-k on the raw logits -> softmax over the k selected logits (fp32, as t
 -> SwiGLU experts (first half of fc1 is the gate) -> weighted sum -> plus the always-on shared MLP.
 
 Routed expert weights are stored grouped as the checkpoints have them, [experts, in, out], so a
-loaded tensor is the mmap'd checkpoint tensor itself (no transpose, no copy). Experts run one
-matmul per used expert over the tokens routed to it (tokens sorted by expert), which serves both
-decode (a handful of tokens) and prefill. `routed_sum` is that dispatch, shared by every expert
-store (float, quantized, offloaded): each only says how to run one expert on some tokens, and the
-per-expert token counts come to the host once per layer so the store can decide per expert.
-Float experts take `grouped_routed_sum` instead where F.grouped_mm runs: the same sort, with the
-group boundaries kept on the device, so a decode step never waits for the host.
+loaded tensor is the mmap'd checkpoint tensor itself (no transpose, no copy; bf16 on the CPU is
+re-laid for gemv, see decode_kernels). Experts run one matmul per used expert over the tokens
+routed to it (tokens sorted by expert), which serves both decode and prefill. `routed_sum` is
+that dispatch, shared by every expert store (float, quantized, offloaded): each only says how to
+run one expert on some tokens, and the per-expert token counts come to the host once per layer
+so the store can decide per expert; one token (decode) skips the sort and runs its k experts.
+Float experts dispatch in `float_routed_sum`:
+- one token on the CPU: its k experts straight from the ids (a host read is free there);
+- elsewhere `grouped_routed_sum`: the same sort with the group boundaries kept on the device and
+  one F.grouped_mm per projection, so no step waits for the host (GPU decode and any prefill);
+- where grouped_mm does not run (CUDA below bf16/SM80): routed_sum.
 """
 
 from __future__ import annotations
