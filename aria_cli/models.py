@@ -20,6 +20,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.demo_paths import DEMO_MODEL_DIR
 from runtime.errors import ConfigError, ModelNotFoundError, UsageError
 
 from .hub import hub_cache_dir, repo_folder
@@ -30,7 +31,6 @@ HUB_ALIASES = {"aria": "rhymes-ai/Aria"}
 QUANTIZED_ALIASES = ("aria-int4", "aria-int8")
 DEMO_ALIAS = "demo"
 # The demo checkpoint ships as package data of `runtime` (provided by the runtime side).
-DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "runtime" / "demo_model"
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 _KNOWN = "aria, aria-int4, aria-int8, demo"
