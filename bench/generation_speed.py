@@ -1,7 +1,8 @@
 """Generation speed, side by side: our runtime vs transformers' AriaForConditionalGeneration.generate.
 
     python bench/generation_speed.py                      # mid-size random Aria, CPU
-    python bench/generation_speed.py --config demo        # tiny model: per-step overhead dominates
+    python bench/generation_speed.py --config demo        # demo-model size: per-step overhead dominates
+    python bench/generation_speed.py --checkpoint runtime/demo_model --dtypes bfloat16   # a real checkpoint
     python bench/generation_speed.py --dtypes float32 --rounds 3 --compile   # adds compiled-decode rows
 
 One random checkpoint (hub layout, float32) is written once; every row loads it in its own fresh
@@ -43,7 +44,14 @@ CONFIGS = {
         "vision_hidden_size": 384, "vision_intermediate_size": 1536, "vision_num_attention_heads": 6,
         "vision_num_hidden_layers": 6, "vision_patch_size": 35, "patch_to_query": {784: 64, 196: 32},
     },
-    "demo": {},  # runtime.tiny_checkpoint's tiny model as it is
+    # The size of the demo model shipped in runtime/demo_model (random weights here).
+    "demo": {
+        "hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 3,
+        "vocab_size": 400, "moe_intermediate_size": 128, "moe_num_experts": 8, "moe_topk": 2,
+        "max_position_embeddings": 4096, "vision_hidden_size": 96, "vision_intermediate_size": 192,
+        "vision_num_attention_heads": 3, "vision_num_hidden_layers": 2,
+    },
+    "tiny": {},  # runtime.tiny_checkpoint's test model as it is
 }
 TARGETS = "decode >= 75% of roofline; vs reference: decode >= 1.5x (demo: 3x), prefill >= 1x, TTFT and RSS <= 1x"
 
@@ -150,10 +158,13 @@ def roofline(model, clock, repeats: int) -> dict:
     """Best time of a plain loop of products over one decoded token's active weights.
 
     Two plain loops, and the faster counts: gemm (F.linear, x @ W, as stored) and gemv (torch.mv
-    on the [out, in] view of each weight, which is contiguous for nn.Linear and for re-laid experts).
+    on the [out, in] view of each weight, which is contiguous for nn.Linear and for re-laid experts;
+    small bf16 weights on PyTorch's own kernel rather than oneDNN, see runtime.decode_kernels).
     """
     import torch
     import torch.nn.functional as F
+
+    from runtime.decode_kernels import gemv
 
     lm = model.language_model
     linears, experts = [lm.lm_head.weight], []
@@ -180,11 +191,11 @@ def roofline(model, clock, repeats: int) -> dict:
 
     def gemv_token():
         for w in linears:
-            torch.mv(w, vec[w.shape[1]][0])
+            gemv(w, vec[w.shape[1]][0])
         for fc1, fc2 in experts:
             for e in torch.randperm(fc1.shape[0], generator=gen)[:k].tolist():
-                torch.mv(fc1[e].T, vec[fc1.shape[1]][0])
-                torch.mv(fc2[e].T, vec[fc2.shape[1]][0])
+                gemv(fc1[e].T, vec[fc1.shape[1]][0])
+                gemv(fc2[e].T, vec[fc2.shape[1]][0])
 
     best = {"gemm": float("inf"), "gemv": float("inf")}
     with torch.inference_mode():
@@ -362,6 +373,7 @@ def _report(rows: dict, args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="mid")
+    parser.add_argument("--checkpoint", help="bench this checkpoint directory instead of a random --config one")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--quant", nargs="*", default=["int8", "int4"], help="quantized rows of ours (none: empty)")
     parser.add_argument("--quant-dtype", default="bfloat16", help="compute dtype of the quantized rows")
@@ -402,8 +414,12 @@ def main() -> None:
     jobs += [("ours", q, q) for q in args.quant]
     rows: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, __file__, "--config", args.config, "--write-checkpoint", tmp],
-                       check=True, cwd=REPO)
+        if args.checkpoint:
+            tmp = str(Path(args.checkpoint).resolve())
+            args.config = tmp
+        else:
+            subprocess.run([sys.executable, __file__, "--config", args.config, "--write-checkpoint", tmp],
+                           check=True, cwd=REPO)
         for rnd in range(args.rounds):
             for runtime, weights, quant in jobs:
                 busy = _wait_for_quiet(args.quiet_wait) if args.quiet_wait else None

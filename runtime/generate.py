@@ -42,7 +42,8 @@ def decode_logits(model: AriaForConditionalGeneration, token: torch.Tensor, cach
     """
     lm = model.language_model
     hidden = lm.model(F.embedding(token, lm.model.embed_tokens.weight), cache, where)
-    return linear(lm.lm_head, hidden[:, -1]).float()
+    logits = linear(lm.lm_head, hidden[:, -1])
+    return logits if logits.dtype == torch.float32 else logits.float()
 
 
 class _TokenReader:

@@ -48,6 +48,11 @@ def swiglu_expert(x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor) -> torc
     return swiglu(x @ fc1) @ fc2
 
 
+def _same_dtype(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    # A no-op .to() still costs a dispatch; decode steps are made of such small costs.
+    return t if t.dtype == like.dtype else t.to(like.dtype)
+
+
 def _combine(ys: torch.Tensor, order: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
     """Expert outputs in sorted order [N*k, H] -> sum_k w_k * y_k per token [N, H].
 
@@ -100,7 +105,7 @@ def _one_token_routed_sum(x, top_idx, top_w, run_expert, expert_order) -> torch.
         return torch.zeros_like(x)
     ys = torch.cat([run_expert(e, x) for e in run])  # [len(run), H]
     weights = top_w if run == chosen else top_w[:, [chosen.index(e) for e in run]]
-    return weights.to(ys.dtype) @ ys
+    return _same_dtype(weights, ys) @ ys
 
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:
@@ -141,7 +146,7 @@ def one_token_routed_sum(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Te
     gate_up = torch.cat([row_matmul(x, fc1[e]) for e in experts])  # [k, 2I]
     act = swiglu(gate_up)
     ys = torch.cat([row_matmul(act[j : j + 1], fc2[e]) for j, e in enumerate(experts)])  # [k, H]
-    return top_w.to(ys.dtype) @ ys
+    return _same_dtype(top_w, ys) @ ys
 
 
 def float_routed_sum(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor, fc1: torch.Tensor,
@@ -212,7 +217,7 @@ class MoEBlock(nn.Module):
         """x [N, H] -> (expert ids [N, k], weights [N, k]) in x's dtype."""
         logits = linear(self.router, x)
         top_logits, top_idx = torch.topk(logits, self.top_k, dim=-1)
-        return top_idx, torch.softmax(top_logits.float(), dim=-1).to(x.dtype)
+        return top_idx, _same_dtype(torch.softmax(top_logits, dim=-1, dtype=torch.float32), x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from runtime.decode_kernels import linear, row_matmul, use_gemv_layout
+from runtime.decode_kernels import gemv, linear, row_matmul, use_gemv_layout
 from runtime.generate import decode_logits
 from runtime.loader import load_model
 from runtime.model import build_model, init_random_weights
@@ -107,3 +107,13 @@ def test_forward_hooks_still_see_every_call():
         out = linear(module, x)
         assert seen[-1] is out and torch.equal(out, torch.nn.functional.linear(x, module.weight))
     assert len(seen) == 2
+
+
+def test_small_and_large_bf16_gemv_agree_with_the_exact_product_and_leave_onednn_on():
+    """Small weights skip oneDNN for the call only; both kernels round the fp32 sum once."""
+    gen = torch.Generator().manual_seed(4)
+    for out_features, in_features in [(40, 96), (600, 512)]:  # below and above the crossover
+        w = torch.randn(out_features, in_features, generator=gen).to(torch.bfloat16)
+        v = torch.randn(in_features, generator=gen).to(torch.bfloat16)
+        assert_bf16_close(gemv(w, v)[None], exact(v[None], w))
+        assert torch.backends.mkldnn.enabled
