@@ -20,7 +20,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .decode_kernels import linear
 from .model import AriaForConditionalGeneration
@@ -41,7 +40,7 @@ def decode_logits(model: AriaForConditionalGeneration, token: torch.Tensor, cach
     Text only: skips the image merge of `model.forward` (and its host-side count of image tokens).
     """
     lm = model.language_model
-    hidden = lm.model(F.embedding(token, lm.model.embed_tokens.weight), cache, where)
+    hidden = lm.model(lm.model.embed_tokens(token), cache, where)
     logits = linear(lm.lm_head, hidden[:, -1])
     return logits if logits.dtype == torch.float32 else logits.float()
 
