@@ -441,13 +441,15 @@ def test_models_lists_download_with_size_and_rm_removes_it(hub, env):
     assert run("download", REPO).exit_code == 0
     listing = run("models", "--json")
     assert listing.exit_code == 0, listing.stderr
-    (entry,) = json.loads(listing.stdout)["models"]
+    # The demo model ships with the package and is always listed; the download is the other one.
+    (entry,) = [m for m in json.loads(listing.stdout)["models"] if m["name"] != "demo"]
     expected_size = sum(len(hub.repos[REPO]["files"][n]) for n in WANTED)
     assert entry["name"] == REPO and entry["size_bytes"] == expected_size and entry["complete"] is True
     assert entry["variant"] == "bfloat16"
     table = run("models")  # not a terminal: tab-separated plain text, no colour codes
     assert "\x1b[" not in table.stdout
-    assert table.stdout.splitlines()[1].split("\t")[:2] == [REPO, "bfloat16"]
+    rows = [line.split("\t")[:2] for line in table.stdout.splitlines()[1:]]
+    assert [REPO, "bfloat16"] in rows
 
     repo_dir = env / "hf" / "hub" / ("models--" + REPO.replace("/", "--"))
     declined = run("rm", REPO, input="n\n")
@@ -456,7 +458,7 @@ def test_models_lists_download_with_size_and_rm_removes_it(hub, env):
     assert declined.stdout.strip() == "n"  # CliRunner echoes the typed answer; the prompt is on stderr
     accepted = run("rm", REPO, input="y\n")
     assert accepted.exit_code == 0 and not repo_dir.exists()
-    assert json.loads(run("models", "--json").stdout) == {"models": []}
+    assert [m["name"] for m in json.loads(run("models", "--json").stdout)["models"]] == ["demo"]
 
 
 def test_rm_yes_removes_without_asking(hub, env):

@@ -7,6 +7,7 @@ same AriaGroup and option declarations as the real app), and in real processes t
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -146,7 +147,9 @@ def test_real_process_exit_codes_and_clean_stdout():
     proc = aria_process("rm")
     assert proc.returncode == 2 and proc.stderr == "error: Missing argument 'MODEL'. (see 'aria rm --help')\n"
     proc = aria_process("models", "--json")
-    assert proc.returncode == 0 and proc.stdout == '{"models": []}\n' and proc.stderr == ""
+    # Nothing downloaded: only the demo model that ships with the package.
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert [m["name"] for m in json.loads(proc.stdout)["models"]] == ["demo"]
 
 
 def test_console_script_is_the_same_app():
