@@ -4,9 +4,12 @@ Every example is a pure function of (split, index): the same pair gives the same
 question and answer on every machine, so training, evaluation, tests and the shipped example
 images all draw from one generator and the held-out split never meets the training split.
 
-A picture holds 1-5 copies of ONE shape in ONE colour, at varied sizes and positions, on a
-plain background of a varied colour, in a canvas of varied size and aspect ratio (the
-processor later scales it to the crop size, so the model sees many scales). Answers are short
+A picture holds 1-5 copies of ONE shape in ONE colour at varied positions, on a plain
+background of a varied colour, in a canvas of varied size and aspect ratio (the processor
+later scales it to the crop size, so the model sees many scales). The copies in a picture are
+one size, a nearly fixed fraction of the canvas, and every shape kind covers the same area, so
+a count is readable from how much of the picture is covered: the tiny model can learn to count
+in minutes on a CPU, which it cannot when sizes vary freely. Answers are short
 and exact, so a greedy answer is either right or wrong:
 
     What is this?                 -> "a red circle" / "3 red circles"
@@ -14,7 +17,6 @@ and exact, so a greedy answer is either right or wrong:
     What color is the shape?      -> "red"
     How many squares?             -> "3" ("0" when the picture holds another shape)
     How many shapes are there?    -> "3"
-    Is there a red circle?        -> "yes" / "no"
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ COLORS = {
     "purple": (135, 55, 185),
     "orange": (245, 130, 25),
 }
-# Backgrounds are neutral (greys, cream, near-black) so no background could be named as a colour.
-BACKGROUNDS = ((245, 245, 245), (200, 200, 200), (150, 150, 150), (95, 95, 95), (30, 30, 30), (235, 225, 195))
+# Backgrounds are greys from near-white to near-black: no background could be named as a colour,
+# and colour saturation alone tells a shape's pixels from the background's.
+BACKGROUND_LEVELS = (245, 200, 150, 95, 30)
 MAX_COUNT = 5
 
 SPLITS = {"train": 0, "heldout": 1, "examples": 2}
@@ -48,7 +51,6 @@ QUESTIONS = {
     "color": ("What color is the shape?", "What color is it?"),
     "count_named": ("How many {shape}s?", "How many {shape}s are there?"),
     "count_all": ("How many shapes?", "How many shapes are there?"),
-    "exists": ("Is there a {color} {shape}?",),
 }
 QUESTION_KINDS = tuple(QUESTIONS)
 
@@ -91,46 +93,60 @@ def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int) -> tuple
     return tuple(min(255, max(0, c + rng.randint(-amount, amount))) for c in rgb)
 
 
+# Bounding radius (centre to farthest point) per unit of "area radius": a shape of area radius
+# b covers pi * b**2, whatever its kind, and fits in a circle of radius BOUND[shape] * b.
+BOUND = {
+    "circle": 1.0,
+    "square": math.sqrt(math.pi / 2),  # half-diagonal of a square of side sqrt(pi) * b
+    "diamond": math.sqrt(math.pi / 1.6),  # a diamond of half-height R, half-width 0.8 R, covers 1.6 R^2
+    "triangle": math.sqrt(math.pi / (3 * math.sqrt(3) / 4)),  # equilateral, circumradius R covers 1.299 R^2
+}
+# Of sqrt(canvas area): each shape covers the same share of the picture, so the share of the picture
+# that is coloured (an average over patches, what attention computes) says how many shapes there are.
+AREA_RADIUS = 0.08
+# Shapes stay apart by about one vision patch (70 of 980 pixels), so no two share a patch.
+GAP = 0.075
+
+
 def make_scene(rng: random.Random) -> Scene:
-    long_side = rng.randint(256, 1024)
-    short_side = int(long_side * rng.uniform(0.6, 1.0))
+    long_side = rng.randint(320, 1024)
+    # Aspect ratios k:14, so the picture fills whole rows of the 14 x 14 patches of a 980 crop
+    # (a half-empty patch row would blur the coloured share of the picture).
+    short_side = long_side * rng.randint(9, 14) // 14
     size = (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
     count = rng.randint(1, MAX_COUNT)
     shape = rng.choice(SHAPES)
     color = rng.choice(tuple(COLORS))
-    # Bigger shapes when there are few; every shape stays well above one 70-pixel patch at 980.
-    lo, hi = (0.11, 0.2) if count <= 2 else (0.09, 0.14)
-    items = _place(rng, size, count, lo * short_side, hi * short_side)
+    radius = BOUND[shape] * AREA_RADIUS * math.sqrt(long_side * short_side) * rng.uniform(0.99, 1.01)
     return Scene(
         shape=shape,
         color=color,
         count=count,
         size=size,
-        background=_jitter(rng.choice(BACKGROUNDS), rng, 12),
-        fill=_jitter(COLORS[color], rng, 20),
-        items=items,
+        background=(rng.choice(BACKGROUND_LEVELS) + rng.randint(-12, 10),) * 3,
+        fill=_jitter(COLORS[color], rng, 4),
+        items=_place(rng, size, count, radius, GAP * long_side),
     )
 
 
-def _place(rng, size, count, r_lo, r_hi) -> tuple[tuple[int, int, int], ...]:
-    """Non-overlapping (x, y, r) circles inside the canvas; shrink the radii if they do not fit."""
+def _place(rng, size, count, r, gap) -> tuple[tuple[int, int, int], ...]:
+    """`count` (x, y, r) circles inside the canvas, at least `gap` apart; starts over from an empty
+    canvas when random placement gets stuck (the sizes above always leave room for five)."""
     w, h = size
     while True:
         items: list[tuple[int, int, int]] = []
-        for _ in range(200 * count):
-            r = rng.uniform(r_lo, r_hi)
+        for _ in range(50 * count):
             x, y = rng.uniform(r + 2, w - r - 2), rng.uniform(r + 2, h - r - 2)
-            gap = 0.25 * r
-            if all(math.hypot(x - ox, y - oy) > r + orr + gap for ox, oy, orr in items):
+            if all(math.hypot(x - ox, y - oy) > 2 * r + gap for ox, oy, _ in items):
                 items.append((round(x), round(y), round(r)))
                 if len(items) == count:
                     return tuple(items)
-        r_lo, r_hi = r_lo * 0.9, r_hi * 0.9
 
 
 def _outline(shape: str, x: int, y: int, r: int) -> list[tuple[float, float]]:
+    """The polygon of `shape` inscribed in the circle (x, y, r)."""
     if shape == "square":
-        s = r / math.sqrt(2) * 1.15  # a square about as heavy as the circle of radius r
+        s = r / math.sqrt(2)
         return [(x - s, y - s), (x + s, y - s), (x + s, y + s), (x - s, y + s)]
     if shape == "diamond":
         return [(x, y - r), (x + r * 0.8, y), (x, y + r), (x - r * 0.8, y)]
@@ -166,16 +182,6 @@ def make_question(scene: Scene, rng: random.Random, kind: str | None = None) -> 
         # Mostly the shape that is there; sometimes another one, whose count is 0.
         asked = scene.shape if rng.random() < 0.7 else rng.choice([s for s in SHAPES if s != scene.shape])
         return kind, template.format(shape=asked), str(scene.count if asked == scene.shape else 0)
-    if kind == "exists":
-        shape, color = scene.shape, scene.color
-        if rng.random() < 0.5:  # a near miss: change the shape, the colour, or both
-            change = rng.choice(("shape", "color", "both"))
-            if change in ("shape", "both"):
-                shape = rng.choice([s for s in SHAPES if s != scene.shape])
-            if change in ("color", "both"):
-                color = rng.choice([c for c in COLORS if c != scene.color])
-        yes = shape == scene.shape and color == scene.color
-        return kind, template.format(shape=shape, color=color), "yes" if yes else "no"
     raise ValueError(f"unknown question kind '{kind}'")
 
 
@@ -204,5 +210,5 @@ def corpus() -> list[str]:
     for shape in SHAPES:
         for color in COLORS:
             lines += [describe(shape, color, n) for n in range(1, MAX_COUNT + 1)]
-    lines += [*SHAPES, *COLORS, "yes", "no", *(str(n) for n in range(MAX_COUNT + 1))]
+    lines += [*SHAPES, *COLORS, *(str(n) for n in range(MAX_COUNT + 1))]
     return sorted(set(lines))
