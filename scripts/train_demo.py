@@ -3,10 +3,11 @@
     python scripts/train_demo.py                      # the shipped model
     python scripts/train_demo.py --out /tmp/demo      # somewhere else
 
-Time on the development machine (2 shared CPU cores, torch 2.13): see the report printed at the
-end (about TIME_PLACEHOLDER). Seeds are fixed: the tokenizer, the pictures, the questions, the
-initial weights and the batch order do not depend on the machine; the weights after training
-match only up to floating-point summation order (thread count, CPU kernels).
+Time on the development machine (2 shared CPU cores, torch 2.13): 16 minutes (about 3 to turn
+9000 pictures into patch features, 13 for 3000 steps), 1.6 GB peak memory. Seeds are fixed: the
+tokenizer, the pictures, the questions, the initial weights and the batch order do not depend on
+the machine; the weights after training match only up to floating-point summation order
+(thread count, CPU kernels).
 
 What is trained: every weight of Aria's architecture (text MoE decoder with routed and shared
 experts, vision tower, projector) EXCEPT the vision patch embedding. That Conv2d (70x70x3 ->
@@ -438,17 +439,19 @@ def processor_config(config: AriaConfig) -> dict:
 
 
 def example_indices(count: int = 6) -> list[int]:
-    """Example pictures for the package: the first picture of the "examples" split with one shape
-    (shown by `aria demo`), then one for each other count, with shapes not yet shown."""
+    """Example pictures for the package, from the "examples" split: first a red circle (the
+    picture the README asks about), then one for each other count, with shapes not yet shown."""
+    wanted = [(1, "circle", "red"), (3, None, None), (2, None, None), (5, None, None), (4, None, None),
+              (1, None, None)]  # (count, shape, colour); None: any
     chosen: list[int] = []
     seen_shapes: set[str] = set()
-    wanted_counts = [1, 3, 2, 5, 4, 1]
     i = 0
     while len(chosen) < count:
         scene = example("examples", i).scene
-        want = wanted_counts[len(chosen)]
+        want_count, want_shape, want_colour = wanted[len(chosen)]
         fresh = scene.shape not in seen_shapes or len(seen_shapes) == len(SHAPES)
-        if scene.count == want and fresh:
+        if (scene.count == want_count and scene.shape == (want_shape or scene.shape)
+                and scene.color == (want_colour or scene.color) and fresh):
             chosen.append(i)
             seen_shapes.add(scene.shape)
         i += 1
