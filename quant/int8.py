@@ -22,6 +22,10 @@ MIN_SCALE = torch.finfo(torch.float32).eps
 # Up to this many activation rows the CUDA gemv-style kernel reads the int8 weight once per
 # output; beyond it a dequantized GEMM on tensor cores wins.
 CUDA_GEMV_MAX_ROWS = 16
+# The same choice on the CPU: `_weight_int8pack_mm`'s cost grows with every row; from this many
+# rows on, converting the codes once and running the compute dtype's GEMM is faster (crossover
+# between 8 and 16 rows on 2 cores for Aria's expert shapes, bench/quant_matmul.py).
+CPU_GEMM_MIN_ROWS = 16
 
 
 class Int8Scheme(Scheme):
@@ -65,10 +69,18 @@ class Int8Scheme(Scheme):
 
 
 def _mm_cpu(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
+    if x.shape[0] >= CPU_GEMM_MIN_ROWS:
+        return _dequantized_gemm(x, tensors)
     return torch.ops.aten._weight_int8pack_mm(x, tensors["qdata"], tensors["scale"])
 
 
 def _mm_cuda(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
     if x.shape[0] <= CUDA_GEMV_MAX_ROWS:
         return torch.ops.aten._weight_int8pack_mm(x, tensors["qdata"], tensors["scale"])
+    return _dequantized_gemm(x, tensors)
+
+
+def _dequantized_gemm(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
+    # The codes convert exactly (|q| <= 128 fits any float mantissa); the per-row scale applies
+    # to the output, so the weight is never scaled.
     return F.linear(x, tensors["qdata"].to(x.dtype)) * tensors["scale"]

@@ -21,6 +21,10 @@ from .nibbles import pack_nibbles, unpack_nibbles
 BLOCK_SIZE = 64
 # bitsandbytes' fused CPU kernel interleaves 32 output rows at a time.
 OUT_MULTIPLE = 32
+# From this many activation rows on, dequantizing once (bitsandbytes' C++ dequantize, ~1 ms for
+# an expert) and running a GEMM beats the fused gemv, whose cost grows with every row
+# (crossover between 16 and 32 rows on 2 cores for Aria's expert shapes, bench/quant_matmul.py).
+CPU_GEMM_MIN_ROWS = 24
 
 # The 16 NormalFloat4 levels (QLoRA, Dettmers et al. 2023), as float32, ascending.
 NF4_CODE = (
@@ -90,10 +94,12 @@ class Nf4Scheme(Scheme):
             # [in/64, out] and rounds weights and outputs to bfloat16 (bounds in the tests).
             tensors = {
                 "weight": cpu_fused_layout(packed["qdata"]),
-                "absmax": packed["absmax"].t().to(torch.bfloat16).contiguous(),
+                "absmax_t": packed["absmax"].t().to(torch.bfloat16).contiguous(),
                 "code": nf4_code(),
+                # The plain form, for the large-batch path: views, not copies.
+                **_dequantize_then_linear_tensors(packed),
             }
-            return tensors, _gemv_4bit
+            return tensors, _mm_cpu_fused
         return _dequantize_then_linear_tensors(packed), _dequantize_then_linear
 
     def _prepare_cuda(
@@ -132,16 +138,21 @@ def _dequantize_then_linear(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
     return F.linear(x, weight)
 
 
-def _gemv_4bit(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
-    weight = tensors["weight"]
+def _gemv_4bit(x: Tensor, weight: Tensor, absmax: Tensor, code: Tensor) -> Tensor:
     shape = [weight.shape[0], weight.shape[1] * 2]
-    return torch.ops.bitsandbytes.gemv_4bit(x, weight, shape, tensors["absmax"], tensors["code"], BLOCK_SIZE)
+    return torch.ops.bitsandbytes.gemv_4bit(x, weight, shape, absmax, code, BLOCK_SIZE)
+
+
+def _mm_cpu_fused(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
+    if x.shape[0] >= CPU_GEMM_MIN_ROWS:
+        return _dequantize_then_linear(x, tensors)
+    return _gemv_4bit(x, tensors["weight"], tensors["absmax_t"], tensors["code"])
 
 
 def _mm_cuda(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
     # bitsandbytes' CUDA gemv reads the plain layout; larger batches dequantize and use cuBLAS.
     if x.shape[0] == 1:
-        return _gemv_4bit(x, {**tensors, "weight": tensors["qdata"]})
+        return _gemv_4bit(x, tensors["qdata"], tensors["absmax"], tensors["code"])
     return _dequantize_then_linear(x, tensors)
 
 

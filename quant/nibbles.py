@@ -17,6 +17,11 @@ def pack_nibbles(codes: Tensor) -> Tensor:
     return (codes[..., 0::2] << 4) | codes[..., 1::2]
 
 
-def unpack_nibbles(packed: Tensor) -> Tensor:
-    """uint8 [..., n] -> uint8 [..., 2n] of values 0..15 (inverse of pack_nibbles)."""
-    return torch.stack((packed >> 4, packed & 0x0F), dim=-1).flatten(-2)
+def unpack_nibbles(packed: Tensor, dtype: torch.dtype = torch.uint8) -> Tensor:
+    """uint8 [..., n] -> [..., 2n] of values 0..15 in `dtype` (inverse of pack_nibbles).
+
+    Written straight into the result, so asking for int32 or float32 costs no uint8 copy first."""
+    codes = torch.empty(*packed.shape, 2, dtype=dtype, device=packed.device)
+    codes[..., 0] = packed >> 4
+    codes[..., 1] = packed & 0x0F
+    return codes.flatten(-2)

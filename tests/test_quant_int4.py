@@ -108,3 +108,14 @@ def test_bfloat16_weights_quantize_like_their_float32_values():
     w = awkward_weight(5).bfloat16()
     a, b = SCHEME.quantize(w), SCHEME.quantize(w.float())
     assert all(torch.equal(a[s], b[s]) for s in a)
+
+
+def test_cpu_layout_prepared_in_row_chunks_is_the_whole_matrix_packed_at_once():
+    # prepare packs ROW_CHUNK rows at a time; the reference is one call of the packer on the
+    # whole matrix (a row count that leaves a partial last chunk).
+    from quant.int4 import ROW_CHUNK
+
+    rows = 2 * ROW_CHUNK + 48
+    packed = SCHEME.quantize(torch.randn(rows, 256, generator=torch.Generator().manual_seed(11)))
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(packed["qdata"]).to(torch.int32), 1)
+    assert torch.equal(SCHEME.prepare(packed, "cpu").tensors["weight"], whole)

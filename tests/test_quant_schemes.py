@@ -4,6 +4,8 @@ References: safetensors files (bit-exact round trips), hand-computed byte counts
 float64 matmuls of the dequantized weight with rounding bounds derived from the dtypes.
 """
 
+import importlib
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -146,16 +148,26 @@ def test_transposed_views_quantize_like_contiguous_weights(name):
     assert all(torch.equal(a[s], b[s]) for s in a)
 
 
+def cpu_gemm_min_rows(name: str) -> int:
+    """Rows from which a scheme's CPU kernel dequantizes and runs a GEMM instead of its gemv."""
+    return importlib.import_module(f"quant.{name}").CPU_GEMM_MIN_ROWS
+
+
 @pytest.mark.parametrize("name", SCHEMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cpu_matmul_equals_dequantize_then_matmul(name, dtype):
+@pytest.mark.parametrize("path", ["gemv", "gemm"])
+def test_cpu_matmul_equals_dequantize_then_matmul(name, dtype, path):
+    # Both CPU paths: a decode-sized batch (the quantized kernel) and a prefill-sized one
+    # (dequantize once, then the compute dtype's GEMM).
+    rows = 5 if path == "gemv" else cpu_gemm_min_rows(name) + 3
+    assert (rows >= cpu_gemm_min_rows(name)) == (path == "gemm")
     scheme = get_scheme(name)
     packed = scheme.quantize(random_weight(96, 512, seed=2))
     weight = scheme.dequantize(packed)
     prepared = scheme.prepare(packed, "cpu", dtype)
-    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(3))
     y = scheme.matmul(x, prepared)
-    assert y.dtype == torch.float32 and y.shape == (5, 96)
+    assert y.dtype == torch.float32 and y.shape == (rows, 96)
     x_rounded = x.to(dtype)
     ref = x_rounded.double() @ weight.double().T
     assert ((y.double() - ref).abs() <= matmul_bound(x_rounded, weight, ref, dtype)).all()
