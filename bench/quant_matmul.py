@@ -7,14 +7,13 @@ to 256 (a long prefill's share of one expert), times y = x @ W.T with W in bfloa
 int8, int4 and nf4 (quantized formats go through quant's prepare/matmul, computing in bfloat16).
 Each quantized format is timed three ways: as `matmul` chooses, forced onto its quantized
 kernel ("gemv"), and forced onto dequantize-then-GEMM ("gemm"); the two forced columns show
-where the scheme's CPU_GEMM_MIN_ROWS should sit on this machine. Times are medians in ms;
+where the scheme's cpu_gemm_min_rows should sit on this machine. Times are medians in ms;
 ratios are to the bfloat16 time measured in the same run (below 1 = faster than bf16).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import statistics
 import time
 from collections.abc import Callable
@@ -46,15 +45,15 @@ def median_ms(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str,
 
 
 @contextmanager
-def forced_path(scheme: str, path: str):
-    """Make the scheme's CPU kernel take one path whatever the batch ("gemv" or "gemm")."""
-    module = importlib.import_module(f"quant.{scheme}")
-    saved = module.CPU_GEMM_MIN_ROWS
-    module.CPU_GEMM_MIN_ROWS = 10**9 if path == "gemv" else 0
+def forced_path(name: str, path: str):
+    """Make the scheme's CPU matmul take one path whatever the batch ("gemv" or "gemm")."""
+    scheme_class = type(get_scheme(name))
+    saved = scheme_class.cpu_gemm_min_rows
+    scheme_class.cpu_gemm_min_rows = 10**9 if path == "gemv" else 0
     try:
         yield
     finally:
-        module.CPU_GEMM_MIN_ROWS = saved
+        scheme_class.cpu_gemm_min_rows = saved
 
 
 def timed_under(scheme: str, path: str, fn: Callable[[], object]) -> Callable[[], object]:
@@ -97,8 +96,8 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}"
     )
-    thresholds = {name: importlib.import_module(f"quant.{name}").CPU_GEMM_MIN_ROWS for name in SCHEMES}
-    print("CPU_GEMM_MIN_ROWS: " + ", ".join(f"{name} {rows}" for name, rows in thresholds.items()))
+    thresholds = {name: get_scheme(name).cpu_gemm_min_rows for name in SCHEMES}
+    print("cpu_gemm_min_rows: " + ", ".join(f"{name} {rows}" for name, rows in thresholds.items()))
     for label, (out_features, in_features) in SHAPES.items():
         table = bench_shape(out_features, in_features, args.repeats)
         formats = [f for f in table[BATCHES[0]] if f != "bf16"]

@@ -34,6 +34,9 @@ class Prepared:
     dtype: torch.dtype  # activations are cast to this before the kernel runs
     kernel: Kernel = field(repr=False)
     tensors: dict[str, Tensor] = field(repr=False)
+    # On the CPU, the stored form itself (views, not copies) for the large-batch GEMM path; not
+    # part of the kernel layout, so not counted in nbytes nor copied by whoever moves `tensors`.
+    plain: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -51,6 +54,11 @@ class Scheme(ABC):
     name: str
     # Names of the packed tensors, the [..., out, *] quantized data first.
     suffixes: tuple[str, ...]
+    # From this many activation rows on (a prefill's share of one expert), a CPU matmul
+    # dequantizes the weight once and runs the compute dtype's GEMM (`_cpu_gemm`): the quantized
+    # kernels are gemv-like, their cost grows with every row, a GEMM's barely. Each scheme sets
+    # it from bench/quant_matmul.py's crossover.
+    cpu_gemm_min_rows: int
 
     # ----- what subclasses provide -------------------------------------------------------------
 
@@ -87,6 +95,10 @@ class Scheme(ABC):
         self, packed: dict[str, Tensor], dtype: torch.dtype
     ) -> tuple[dict[str, Tensor], Kernel]:
         """``packed`` is already on the target CUDA device."""
+
+    @abstractmethod
+    def _cpu_gemm(self, x: Tensor, packed: dict[str, Tensor]) -> Tensor:
+        """x @ W.T for a large CPU batch x (in the compute dtype) from the stored 2-D form."""
 
     # ----- shapes and sizes --------------------------------------------------------------------
 
@@ -195,13 +207,15 @@ class Scheme(ABC):
             raise ValueError(f"compute dtype must be bfloat16, float16 or float32, got {dtype}")
         device = torch.device(device) if device is not None else packed[self.suffixes[0]].device
         packed = {suffix: t.to(device) for suffix, t in packed.items()}
+        plain = {}
         if device.type == "cuda":
             tensors, kernel = self._prepare_cuda(packed, dtype)
         elif device.type == "cpu":
             tensors, kernel = self._prepare_cpu(packed, dtype)
+            plain = packed  # views of what the caller holds (an mmap'd checkpoint, the experts' packed form)
         else:
             raise ValueError(f"{self.name} has kernels for cpu and cuda, not {device.type}")
-        return Prepared(self.name, shape[0], shape[1], device, dtype, kernel, tensors)
+        return Prepared(self.name, shape[0], shape[1], device, dtype, kernel, tensors, plain)
 
     def matmul(self, x: Tensor, prepared: Prepared) -> Tensor:
         """x [..., in] (any float dtype) @ weight.T -> [..., out] in x's dtype."""
@@ -219,7 +233,11 @@ class Scheme(ABC):
         rows = x.reshape(-1, prepared.in_features)
         if rows.shape[0] == 0:
             return x.new_empty(*lead, prepared.out_features)
-        y = prepared.kernel(rows.to(prepared.dtype).contiguous(), prepared.tensors)
+        rows = rows.to(prepared.dtype).contiguous()
+        if prepared.plain and rows.shape[0] >= self.cpu_gemm_min_rows:
+            y = self._cpu_gemm(rows, prepared.plain)
+        else:
+            y = prepared.kernel(rows, prepared.tensors)
         return y.to(x.dtype).reshape(*lead, prepared.out_features)
 
     # ----- helpers -----------------------------------------------------------------------------

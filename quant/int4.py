@@ -25,10 +25,6 @@ GROUP_SIZES = (32, 64, 128, 256)
 # The CPU packer handles 16 output rows at a time (the CUDA one 8).
 OUT_MULTIPLE = 16
 MIN_SCALE = 1e-6  # torchao's eps for this recipe; keeps constant groups finite
-# From this many activation rows on (a prefill's share of one expert), the CPU dequantizes the
-# weight once and runs the compute dtype's GEMM: tinygemm's cost grows with every row, a GEMM's
-# barely. Crossover near 96 rows on 2 cores for Aria's expert shapes (bench/quant_matmul.py).
-CPU_GEMM_MIN_ROWS = 96
 # Output rows unpacked per step when preparing or dequantizing: the int32 / float32
 # intermediate stays in cache (1.8x faster prepare, 2.5x faster dequantize at 3328x2560).
 ROW_CHUNK = 256
@@ -37,6 +33,7 @@ ROW_CHUNK = 256
 class Int4Scheme(Scheme):
     name = "int4"
     suffixes = ("qdata", "scale", "zero")
+    cpu_gemm_min_rows = 96  # crossover near 96 rows on 2 cores for Aria's expert shapes
 
     def __init__(self, group_size: int = 128):
         if group_size not in GROUP_SIZES:
@@ -92,10 +89,11 @@ class Int4Scheme(Scheme):
             torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qdata[r : r + ROW_CHUNK], torch.int32), 1)
             for r in range(0, qdata.shape[0], ROW_CHUNK)
         ])
-        # The plain form is kept for the large-batch GEMM path: views of what the caller holds
-        # anyway (mmap'd checkpoint, or the experts' packed tensors), not copies.
-        tensors = {"weight": weight, "scales_and_zeros": self._scales_and_zeros(packed, dtype), **packed}
-        return tensors, partial(_mm_cpu, self.group_size)
+        tensors = {"weight": weight, "scales_and_zeros": self._scales_and_zeros(packed, dtype)}
+        return tensors, partial(_mm, torch.ops.aten._weight_int4pack_mm_for_cpu, self.group_size)
+
+    def _cpu_gemm(self, x: Tensor, packed: dict[str, Tensor]) -> Tensor:
+        return F.linear(x, _dequantize_rows(packed, self.group_size, x.dtype))
 
     def _prepare_cuda(
         self, packed: dict[str, Tensor], dtype: torch.dtype
@@ -114,12 +112,6 @@ class Int4Scheme(Scheme):
 
 def _mm(op, group_size: int, x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
     return op(x, tensors["weight"], group_size, tensors["scales_and_zeros"])
-
-
-def _mm_cpu(group_size: int, x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
-    if x.shape[0] >= CPU_GEMM_MIN_ROWS:
-        return F.linear(x, _dequantize_rows(tensors, group_size, x.dtype))
-    return _mm(torch.ops.aten._weight_int4pack_mm_for_cpu, group_size, x, tensors)
 
 
 def _dequantize_rows(packed: dict[str, Tensor], group_size: int, dtype: torch.dtype) -> Tensor:

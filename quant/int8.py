@@ -22,15 +22,12 @@ MIN_SCALE = torch.finfo(torch.float32).eps
 # Up to this many activation rows the CUDA gemv-style kernel reads the int8 weight once per
 # output; beyond it a dequantized GEMM on tensor cores wins.
 CUDA_GEMV_MAX_ROWS = 16
-# The same choice on the CPU: `_weight_int8pack_mm`'s cost grows with every row; from this many
-# rows on, converting the codes once and running the compute dtype's GEMM is faster (crossover
-# between 8 and 16 rows on 2 cores for Aria's expert shapes, bench/quant_matmul.py).
-CPU_GEMM_MIN_ROWS = 16
 
 
 class Int8Scheme(Scheme):
     name = "int8"
     suffixes = ("qdata", "scale")
+    cpu_gemm_min_rows = 16  # crossover between 8 and 16 rows on 2 cores for Aria's expert shapes
 
     def metadata(self) -> dict[str, int | str]:
         return {"scheme": self.name}
@@ -67,10 +64,11 @@ class Int8Scheme(Scheme):
         tensors = {"qdata": packed["qdata"].contiguous(), "scale": packed["scale"].to(dtype)}
         return tensors, _mm_cuda
 
+    def _cpu_gemm(self, x: Tensor, packed: dict[str, Tensor]) -> Tensor:
+        return _dequantized_gemm(x, packed)
+
 
 def _mm_cpu(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
-    if x.shape[0] >= CPU_GEMM_MIN_ROWS:
-        return _dequantized_gemm(x, tensors)
     return torch.ops.aten._weight_int8pack_mm(x, tensors["qdata"], tensors["scale"])
 
 
@@ -83,4 +81,4 @@ def _mm_cuda(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
 def _dequantized_gemm(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
     # The codes convert exactly (|q| <= 128 fits any float mantissa); the per-row scale applies
     # to the output, so the weight is never scaled.
-    return F.linear(x, tensors["qdata"].to(x.dtype)) * tensors["scale"]
+    return F.linear(x, tensors["qdata"].to(x.dtype)) * tensors["scale"].to(x.dtype)

@@ -21,10 +21,6 @@ from .nibbles import pack_nibbles, unpack_nibbles
 BLOCK_SIZE = 64
 # bitsandbytes' fused CPU kernel interleaves 32 output rows at a time.
 OUT_MULTIPLE = 32
-# From this many activation rows on, dequantizing once (bitsandbytes' C++ dequantize, ~1 ms for
-# an expert) and running a GEMM beats the fused gemv, whose cost grows with every row
-# (crossover between 16 and 32 rows on 2 cores for Aria's expert shapes, bench/quant_matmul.py).
-CPU_GEMM_MIN_ROWS = 24
 
 # The 16 NormalFloat4 levels (QLoRA, Dettmers et al. 2023), as float32, ascending.
 NF4_CODE = (
@@ -42,6 +38,9 @@ def nf4_code(device: torch.device | str = "cpu") -> Tensor:
 class Nf4Scheme(Scheme):
     name = "nf4"
     suffixes = ("qdata", "absmax")
+    # Dequantizing is cheap here (bitsandbytes' C++ dequantize, ~1 ms for an expert): crossover
+    # between 16 and 32 rows on 2 cores for Aria's expert shapes.
+    cpu_gemm_min_rows = 24
     block_size = BLOCK_SIZE
 
     def __init__(self, block_size: int = BLOCK_SIZE):
@@ -94,13 +93,15 @@ class Nf4Scheme(Scheme):
             # [in/64, out] and rounds weights and outputs to bfloat16 (bounds in the tests).
             tensors = {
                 "weight": cpu_fused_layout(packed["qdata"]),
-                "absmax_t": packed["absmax"].t().to(torch.bfloat16).contiguous(),
+                "absmax": packed["absmax"].t().to(torch.bfloat16).contiguous(),
                 "code": nf4_code(),
-                # The plain form, for the large-batch path: views, not copies.
-                **_dequantize_then_linear_tensors(packed),
             }
-            return tensors, _mm_cpu_fused
+            return tensors, _gemv_4bit
         return _dequantize_then_linear_tensors(packed), _dequantize_then_linear
+
+    def _cpu_gemm(self, x: Tensor, packed: dict[str, Tensor]) -> Tensor:
+        _bitsandbytes()
+        return _dequantize_then_linear(x, packed)
 
     def _prepare_cuda(
         self, packed: dict[str, Tensor], dtype: torch.dtype
@@ -138,21 +139,16 @@ def _dequantize_then_linear(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
     return F.linear(x, weight)
 
 
-def _gemv_4bit(x: Tensor, weight: Tensor, absmax: Tensor, code: Tensor) -> Tensor:
+def _gemv_4bit(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
+    weight = tensors["weight"]
     shape = [weight.shape[0], weight.shape[1] * 2]
-    return torch.ops.bitsandbytes.gemv_4bit(x, weight, shape, absmax, code, BLOCK_SIZE)
-
-
-def _mm_cpu_fused(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
-    if x.shape[0] >= CPU_GEMM_MIN_ROWS:
-        return _dequantize_then_linear(x, tensors)
-    return _gemv_4bit(x, tensors["weight"], tensors["absmax_t"], tensors["code"])
+    return torch.ops.bitsandbytes.gemv_4bit(x, weight, shape, tensors["absmax"], tensors["code"], BLOCK_SIZE)
 
 
 def _mm_cuda(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
     # bitsandbytes' CUDA gemv reads the plain layout; larger batches dequantize and use cuBLAS.
     if x.shape[0] == 1:
-        return _gemv_4bit(x, tensors["qdata"], tensors["absmax"], tensors["code"])
+        return _gemv_4bit(x, {**tensors, "weight": tensors["qdata"]})
     return _dequantize_then_linear(x, tensors)
 
 

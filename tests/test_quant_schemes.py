@@ -4,8 +4,6 @@ References: safetensors files (bit-exact round trips), hand-computed byte counts
 float64 matmuls of the dequantized weight with rounding bounds derived from the dtypes.
 """
 
-import importlib
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -148,20 +146,15 @@ def test_transposed_views_quantize_like_contiguous_weights(name):
     assert all(torch.equal(a[s], b[s]) for s in a)
 
 
-def cpu_gemm_min_rows(name: str) -> int:
-    """Rows from which a scheme's CPU kernel dequantizes and runs a GEMM instead of its gemv."""
-    return importlib.import_module(f"quant.{name}").CPU_GEMM_MIN_ROWS
-
-
 @pytest.mark.parametrize("name", SCHEMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("path", ["gemv", "gemm"])
 def test_cpu_matmul_equals_dequantize_then_matmul(name, dtype, path):
     # Both CPU paths: a decode-sized batch (the quantized kernel) and a prefill-sized one
     # (dequantize once, then the compute dtype's GEMM).
-    rows = 5 if path == "gemv" else cpu_gemm_min_rows(name) + 3
-    assert (rows >= cpu_gemm_min_rows(name)) == (path == "gemm")
     scheme = get_scheme(name)
+    rows = 5 if path == "gemv" else scheme.cpu_gemm_min_rows + 3
+    assert (rows >= scheme.cpu_gemm_min_rows) == (path == "gemm")
     packed = scheme.quantize(random_weight(96, 512, seed=2))
     weight = scheme.dequantize(packed)
     prepared = scheme.prepare(packed, "cpu", dtype)
@@ -326,3 +319,15 @@ def test_nf4_cuda_batched_path_dequantizes_the_plain_layout():
     y = _mm_cuda(x, {"qdata": packed["qdata"], "absmax": packed["absmax"]})
     ref = x.double() @ weight.double().T
     assert ((y.double() - ref).abs() <= matmul_bound(x, weight, ref, torch.float32)).all()
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_cpu_prepare_keeps_the_stored_form_as_views_outside_the_kernel_layout(name):
+    # The large-batch path reads the stored form; holding it must cost no copy (and it stays out
+    # of `tensors`, which the offload store copies per expert).
+    scheme = get_scheme(name)
+    grouped = scheme.quantize(random_weight(2, 64, 256, seed=9))
+    one = slice_packed(grouped, 1)
+    prepared = scheme.prepare(one, "cpu", torch.bfloat16)
+    assert prepared.plain.keys() == one.keys()
+    assert all(prepared.plain[k].data_ptr() == one[k].data_ptr() for k in one)
