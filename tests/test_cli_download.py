@@ -344,10 +344,16 @@ def test_ctrl_c_stops_at_once_in_a_real_process_and_leaves_no_partial_files(hub,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     blobs = env / "hf" / "hub" / ("models--" + REPO.replace("/", "--")) / "blobs"
     etag = hashlib.sha256(hub.repos[REPO]["files"][big]).hexdigest()  # huggingface_hub names blobs by ETag
+
+    def half_there() -> bool:
+        # The .incomplete file appears before the GET is sent: wait for the hub to see the GET
+        # too, or Ctrl-C may land before the first transfer started (then only one GET is made).
+        return hub.file_gets(big) == 1 and bool(list(blobs.glob(f"{etag}*.incomplete")))
+
     deadline = time.monotonic() + 30
-    while not list(blobs.glob(f"{etag}*.incomplete")) and time.monotonic() < deadline:  # `big` is half there
+    while not half_there() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert list(blobs.glob(f"{etag}*.incomplete"))
+    assert half_there()
     proc.send_signal(signal.SIGINT)
     # Without the immediate exit this would hang until the stalled transfer is released (never, here).
     out, err = proc.communicate(timeout=30)
