@@ -27,6 +27,7 @@ from .config import load_config
 from .errors import AriaError, UsageError
 from .quant_targets import QUANTIZED_FAMILIES, is_quantized, packed_name, stored_shape, to_stored_orientation
 from .quantized_model import QuantReport
+from .safetensors_io import default_permissions
 
 # Files a model directory needs besides the weights; copied when present.
 SIDE_FILES = (
@@ -113,6 +114,7 @@ def quantize_checkpoint(
         config, quantization={**scheme.metadata(), "modules": list(QUANTIZED_FAMILIES)}
     )
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    default_permissions(tmp)  # mkdtemp makes it owner-only; a model directory is shared like any other
     try:
         write_checkpoint(tmp, stream(), quant_config, layout="c1", max_shard_bytes=max_shard_bytes, overwrite=True)
         if report.unquantized_experts():  # cannot happen by construction; never ship it if it does

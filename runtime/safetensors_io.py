@@ -210,6 +210,7 @@ class ShardedWriter:
     def _flush(self) -> None:
         tmp = self.out_dir / f".shard-{len(self._parts) + 1:05d}.safetensors{_PARTIAL_SUFFIX}"
         save_file(self._pending, str(tmp), metadata={"format": "pt"})
+        default_permissions(tmp)  # safetensors creates its files owner-only (0600)
         self._parts.append((tmp, list(self._pending)))
         self._pending = {}
         self._pending_bytes = 0
@@ -262,6 +263,14 @@ class ShardedWriter:
                 self.close()
         else:
             self.abort()
+
+
+def default_permissions(path: Path) -> None:
+    """Give a file or directory made by a private-by-default API (safetensors' writer,
+    tempfile.mkdtemp) the mode a plain open()/mkdir would have: 0666 / 0777 minus the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_json_atomic(path: Path, obj: object) -> Path:

@@ -98,6 +98,20 @@ def test_report_rows_match_the_bytes_in_the_files(source, tmp_path):
     assert "MB/s" in table.stderr and str(tmp_path / "q4-table") in table.stderr
 
 
+def test_output_has_the_permissions_of_a_plain_directory_and_files(source, tmp_path):
+    # The reference: what mkdir() and open() give under this process's umask. (safetensors and
+    # tempfile.mkdtemp would otherwise leave the model readable by its owner only.)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "file").write_text("x")
+    dir_mode, file_mode = ((tmp_path / p).stat().st_mode & 0o777 for p in ("plain", "plain/file"))
+    out = tmp_path / "q"
+    assert run("quantize", source, "-o", out, "--scheme", "int8").exit_code == 0
+    assert out.stat().st_mode & 0o777 == dir_mode
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(
+        (p.name for p in out.iterdir()), file_mode)
+    assert any(p.suffix == ".safetensors" for p in out.iterdir())
+
+
 def test_existing_output_needs_force(source, tmp_path):
     out = tmp_path / "q"
     assert run("quantize", source, "-o", out, "--scheme", "int8").exit_code == 0
