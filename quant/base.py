@@ -100,6 +100,12 @@ class Scheme(ABC):
     def _cpu_gemm(self, x: Tensor, packed: dict[str, Tensor]) -> Tensor:
         """x @ W.T for a large CPU batch x (in the compute dtype) from the stored 2-D form."""
 
+    def plain_from_cpu_tensors(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The stored form, where a CPU kernel layout still is it (usable by `_cpu_gemm`), else {}.
+
+        For holders of prepared tensors alone, e.g. the offload store's host rows."""
+        return {}
+
     # ----- shapes and sizes --------------------------------------------------------------------
 
     def why_unsupported(self, shape: tuple[int, ...] | torch.Size) -> str | None:

@@ -67,6 +67,9 @@ class Int8Scheme(Scheme):
     def _cpu_gemm(self, x: Tensor, packed: dict[str, Tensor]) -> Tensor:
         return _dequantized_gemm(x, packed)
 
+    def plain_from_cpu_tensors(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        return tensors  # the CPU kernel reads the stored codes; only the scale is in the compute dtype
+
 
 def _mm_cpu(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
     return torch.ops.aten._weight_int8pack_mm(x, tensors["qdata"], tensors["scale"])

@@ -214,15 +214,21 @@ def test_quantized_experts_offload_like_the_resident_quantized_model(base, confi
         assert engine.ledger.device.get("expert slots", 0) == 3 * slots * plan.slot_bytes
 
 
-def test_quantized_codec_computes_the_dequantized_expert():
+@pytest.mark.parametrize("rows", [5, 40])
+def test_quantized_codec_computes_the_dequantized_expert(rows, monkeypatch):
     gen = torch.Generator().manual_seed(0)
     fc1, fc2 = torch.randn(2, 64, 32, generator=gen) / 6, torch.randn(2, 32, 32, generator=gen) / 6  # [E, out, in]
     scheme = get_scheme("int8")
+    # Host compute from the store's rows: 40 rows (a prefill) take the dequantize-and-GEMM path.
+    gemm_calls = []
+    gemm = type(scheme)._cpu_gemm
+    monkeypatch.setattr(type(scheme), "_cpu_gemm", lambda self, x, p: gemm_calls.append(x.shape) or gemm(self, x, p))
     packed1, packed2 = scheme.quantize(fc1), scheme.quantize(fc2)
     codec = QuantizedExpertCodec(scheme, packed1, packed2, torch.float32)
-    x = torch.randn(5, 32, generator=gen)
+    x = torch.randn(rows, 32, generator=gen)
     w1, w2 = scheme.dequantize(packed1)[1], scheme.dequantize(packed2)[1]
     gate, up = (x @ w1.T).chunk(2, dim=-1)
     expected = (torch.nn.functional.silu(gate) * up) @ w2.T
     torch.testing.assert_close(codec.compute(codec.payload(1, torch.device("cpu")), x), expected,
                                rtol=1e-4, atol=1e-4)
+    assert len(gemm_calls) == (2 if rows >= scheme.cpu_gemm_min_rows else 0)

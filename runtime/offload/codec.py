@@ -82,8 +82,11 @@ class QuantizedExpertCodec(ExpertCodec):
         mine = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
         device = next(iter(mine.values())).device
         out_features, in_features = self._shapes[name]
+        # The host rows hold kernel layouts only; where that is the stored form too, large
+        # batches (prefill) take the scheme's dequantize-and-GEMM path as resident weights do.
+        plain = self.scheme.plain_from_cpu_tensors(mine) if device.type == "cpu" else {}
         prepared = Prepared(self.scheme.name, out_features, in_features, device, self.dtype,
-                            self._kernels[(device.type, name)], mine)
+                            self._kernels[(device.type, name)], mine, plain)
         return self.scheme.matmul(x, prepared)
 
     def compute(self, tensors: dict[str, Tensor], x: Tensor) -> Tensor:
