@@ -22,6 +22,7 @@ MIN_SCALE = torch.finfo(torch.float32).eps
 # Up to this many activation rows the CUDA gemv-style kernel reads the int8 weight once per
 # output; beyond it a dequantized GEMM on tensor cores wins.
 CUDA_GEMV_MAX_ROWS = 16
+CPU_KERNEL_ALIGNMENT = 64  # bytes; `_weight_int8pack_mm` needs 16, PyTorch allocates at 64
 
 
 class Int8Scheme(Scheme):
@@ -54,8 +55,13 @@ class Int8Scheme(Scheme):
         return packed["qdata"].float() * packed["scale"][:, None]
 
     def _prepare_cpu(self, packed: dict[str, Tensor], dtype: torch.dtype) -> tuple[dict[str, Tensor], Kernel]:
-        # The kernel wants the scales in the activation dtype.
-        tensors = {"qdata": packed["qdata"].contiguous(), "scale": packed["scale"].to(dtype)}
+        # The kernel wants the scales in the activation dtype, and its codes 16-byte aligned (it
+        # crashes on codes at 8 bytes past a boundary), which a view into a safetensors file
+        # need not be: such codes get their own allocation (64-byte aligned).
+        qdata = packed["qdata"].contiguous()
+        if qdata.data_ptr() % CPU_KERNEL_ALIGNMENT:
+            qdata = qdata.clone()
+        tensors = {"qdata": qdata, "scale": packed["scale"].to(dtype)}
         return tensors, _mm_cpu
 
     def _prepare_cuda(

@@ -75,3 +75,19 @@ def test_linear_output_agrees_with_torchao_int8_linear():
     theirs = torchao_int8(w)(x)
     mag = x.abs() @ SCHEME.dequantize(SCHEME.quantize(w)).abs().T
     assert ((ours - theirs).abs() <= 2 * 320 * 2.0**-24 * mag).all()
+
+
+def test_cpu_kernel_runs_on_codes_at_any_offset_of_a_file_mapping():
+    # Views into a safetensors file start wherever the file puts them; the CPU kernel crashes
+    # (SIGSEGV, bfloat16) on codes 8 bytes off a 16-byte boundary unless prepare gives them their own memory.
+    # (Shape-dependent: this one crashed, a 64-row weight did not.)
+    packed = SCHEME.quantize(torch.randn(256, 128, generator=torch.Generator().manual_seed(4)))
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(5)).bfloat16()
+    expected = SCHEME.matmul(x, SCHEME.prepare(packed, "cpu", torch.bfloat16))
+    for offset in (1, 8, 24):
+        memory = torch.empty(packed["qdata"].numel() + 64, dtype=torch.int8)
+        codes = memory[offset : offset + packed["qdata"].numel()].view_as(packed["qdata"])
+        codes.copy_(packed["qdata"])
+        assert codes.data_ptr() % 16  # the condition that used to crash
+        prepared = SCHEME.prepare({**packed, "qdata": codes}, "cpu", torch.bfloat16)
+        assert torch.equal(SCHEME.matmul(x, prepared), expected)
