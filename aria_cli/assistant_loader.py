@@ -18,6 +18,7 @@ from runtime.config import AriaConfig, load_config
 from runtime.errors import AriaError, UsageError
 from runtime.placement import Plan, plan_placement
 from runtime.plan_table import plan_rows
+from runtime.quant_targets import families_to_load
 from runtime.sampling import SamplingParams
 
 from . import console
@@ -42,7 +43,7 @@ def open_assistant(opts: RunOptions) -> Assistant:
     with busy(f"loading {opts.model}"):
         assistant = Assistant.open(
             model_dir, dtype=dtype, device=str(device), quant=None if opts.quant == "none" else opts.quant,
-            name=opts.model, plan=plan, max_context=context, crop_size=opts.image_size,
+            quant_lm_head=opts.quant_lm_head, name=opts.model, plan=plan, max_context=context, crop_size=opts.image_size,
             split_image=opts.split_image, compile=opts.compile,
         )
     console.detail(f"loaded in {assistant.load_s:.2f} s")
@@ -124,7 +125,8 @@ def plan_for(opts: RunOptions, config: AriaConfig, device: torch.device, dtype: 
     assert dtype is not None  # pick_dtype always chooses one on CUDA
     plan = plan_placement(config, budget, context=context, scheme=checkpoint_scheme(config, opts.quant),
                           dtype=dtype, cpu_moe=opts.cpu_moe, n_cpu_moe=opts.n_cpu_moe,
-                          expert_slots=opts.expert_slots)
+                          expert_slots=opts.expert_slots,
+                          quantized=families_to_load(config.quantization, opts.quant_lm_head))
     source = "--gpu-memory" if opts.gpu_memory else "free memory"
     console.detail(f"placement for {format_size(budget)} ({source}):")
     for part, where, size in plan_rows(plan):

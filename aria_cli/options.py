@@ -61,6 +61,7 @@ class RunOptions(HubOptions):
     device: str  # auto | cpu | cuda | cuda:N
     dtype: str  # auto | bfloat16 | float16 | float32
     quant: str  # none | int4 | int8 | nf4
+    quant_lm_head: bool  # the lm_head too (runtime.quant_targets)
     gpu_memory: int | None  # bytes; None = what the device has free
     cpu_moe: bool
     n_cpu_moe: int
@@ -78,6 +79,7 @@ class PlacementOptions(HubOptions):
     device: str
     dtype: str
     quant: str
+    quant_lm_head: bool
     gpu_memory: int | None
     cpu_moe: bool
     n_cpu_moe: int
@@ -139,6 +141,8 @@ DECLARATIONS: dict[str, Any] = {
                    help="Compute dtype."),
     "quant": _text("--quant", name="quant", panel=_RUN, metavar="none|int4|int8|nf4",
                    help="Quantize bf16 weights while loading."),
+    "quant_lm_head": _flag("--quant-lm-head/--no-quant-lm-head", name="quant_lm_head", panel=_RUN,
+                           help="Quantize the lm_head too (with --quant, or made by aria quantize --quant-lm-head)."),
     "gpu_memory": _text("--gpu-memory", name="gpu_memory", panel=_RUN, metavar="SIZE", shown="free memory",
                         help="GPU memory to use, e.g. 24GiB, 20GB, 16000MiB."),
     "cpu_moe": _flag("--cpu-moe/--no-cpu-moe", name="cpu_moe", panel=_RUN,

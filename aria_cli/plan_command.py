@@ -19,6 +19,7 @@ from runtime.errors import PlacementError, UsageError
 from runtime.known_configs import KNOWN_REPOS, aria_config_dict
 from runtime.placement import Bandwidths, card_plans, plan_placement, scheme_label
 from runtime.plan_table import PLAN_COLUMNS, SUMMARY_COLUMNS, plan_rows, summary_rows
+from runtime.quant_targets import families_to_load
 
 from . import console
 from .assistant_loader import checkpoint_scheme, context_length, pick_device
@@ -104,7 +105,8 @@ def plan(
             raise UsageError(f"{flag} must be more than 0 GB/s (got {value:g})")
     bandwidth = Bandwidths(device=gpu_bandwidth, pcie=pcie_bandwidth, cpu=cpu_bandwidth)
     placement = {"context": context, "dtype": dtype, "cpu_moe": opts.cpu_moe, "n_cpu_moe": opts.n_cpu_moe,
-                 "expert_slots": opts.expert_slots, "bandwidth": bandwidth}
+                 "expert_slots": opts.expert_slots, "bandwidth": bandwidth,
+                 "quantized": families_to_load(config.quantization, opts.quant_lm_head)}
     budget = opts.gpu_memory
     if budget is None:
         from runtime.device import free_memory

@@ -210,6 +210,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("device", "--device", _as_device, "auto"),
         Setting("dtype", "--dtype", _choice("auto", "bfloat16", "float16", "float32"), "auto"),
         Setting("quant", "--quant", _choice("none", "int4", "int8", "nf4"), "none"),
+        Setting("quant_lm_head", "--quant-lm-head", _as_bool, False),
         Setting("gpu_memory", "--gpu-memory", parse_size, None, lambda v: None if v > 0 else "must be more than 0"),
         Setting("cpu_moe", "--cpu-moe", _as_bool, False),
         Setting("n_cpu_moe", "--n-cpu-moe", _as_int, 0, _at_least(0)),

@@ -17,7 +17,8 @@ Figures: time to first token (prefill incl. vision tower + first sample), prefil
 tokens / TTFT), decode tokens/s (the other tokens / their time), peak RSS; for float rows also the
 "roofline": a plain loop of matmuls over exactly the weights one decoded token reads (the active
 experts of each layer drawn at random every pass, as routing does), same dtype, nothing else.
-int8/int4 rows quantize while loading (runtime.loader `quant=`), computing in `--quant-dtype`.
+int8/int4 rows quantize while loading (runtime.loader `quant=`), computing in `--quant-dtype`;
+a "+head" row (`--quant int4 int4+head`) quantizes the lm_head too (`--quant-lm-head`).
 Not a test: numbers depend on the machine and its load.
 """
 
@@ -132,7 +133,8 @@ def worker_ours(args) -> dict:
     baseline = _peak_rss_mb()
     dtype = getattr(torch, args.quant_dtype if args.quant else args.dtype)
     started = time.perf_counter()
-    model = load_model(args.ckpt, dtype=dtype, device=args.device, quant=args.quant)
+    scheme, _, head = (args.quant or "").partition("+")  # "int4+head": the lm_head quantized too
+    model = load_model(args.ckpt, dtype=dtype, device=args.device, quant=scheme or None, quant_lm_head=bool(head))
     load_s = time.perf_counter() - started
     ids, pixels, mask = bench_inputs(model.config, args.prompt_tokens, args.device)
     session = Session(model, len(ids) + args.new_tokens + 1, compile=args.compile)
@@ -375,7 +377,8 @@ def main() -> None:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="mid")
     parser.add_argument("--checkpoint", help="bench this checkpoint directory instead of a random --config one")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--quant", nargs="*", default=["int8", "int4"], help="quantized rows of ours (none: empty)")
+    parser.add_argument("--quant", nargs="*", default=["int8", "int4"],
+                        help="quantized rows of ours, e.g. int8 int4 int4+head (none: empty)")
     parser.add_argument("--quant-dtype", default="bfloat16", help="compute dtype of the quantized rows")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)

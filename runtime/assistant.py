@@ -154,12 +154,13 @@ class Assistant:
     @classmethod
     def open(cls, model_dir: str | Path, dtype: torch.dtype | None = None, device: str = "cpu",
              quant: str | None = None, name: str | None = None, plan: Plan | None = None,
-             **options) -> Assistant:
+             quant_lm_head: bool = False, **options) -> Assistant:
         """`plan`: a placement (runtime.placement) to follow; when it offloads experts the
         weights are loaded into host memory first and `apply_offload` moves the rest to `device`."""
         started = time.perf_counter()
         offloaded = plan is not None and plan.offloaded
-        model, _ = load_model_with_report(model_dir, dtype=dtype, device="cpu" if offloaded else device, quant=quant)
+        model, _ = load_model_with_report(model_dir, dtype=dtype, device="cpu" if offloaded else device, quant=quant,
+                                          quant_lm_head=quant_lm_head)
         engine = apply_offload(model, plan, device) if offloaded else None
         tokenizer = Tokenizer.from_dir(model_dir, model.config)
         return cls(model, tokenizer, name or str(model_dir), time.perf_counter() - started, offload=engine, **options)

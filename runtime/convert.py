@@ -62,7 +62,10 @@ def quantize_checkpoint(
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: Progress | None = None,
+    families: tuple[str, ...] = QUANTIZED_FAMILIES,
 ) -> ConvertResult:
+    """Write a quantized copy of `src` to `out`: the weights of `families` (runtime.quant_targets)
+    packed by `scheme`, the rest as stored."""
     src, out = Path(src), Path(out)
     config = load_config(src)
     if config.quantization is not None:
@@ -73,10 +76,11 @@ def quantize_checkpoint(
         raise UsageError(f"{out} already exists; choose another -o or pass --force to replace it")
     ckpt = open_checkpoint(src)
     for name in ckpt.names():  # refuse before writing anything if some weight cannot be packed
-        problem = scheme.why_unsupported(stored_shape(name, ckpt.shape(name))) if is_quantized(name) else None
+        quantized = is_quantized(name, families)
+        problem = scheme.why_unsupported(stored_shape(name, ckpt.shape(name))) if quantized else None
         if problem:
             raise UsageError(f"{name}: {problem}; choose another --scheme")
-    needed = _output_bytes(ckpt, scheme)
+    needed = _output_bytes(ckpt, scheme, families)
     out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free
     if free < needed + _FREE_SPACE_MARGIN:
@@ -94,7 +98,7 @@ def quantize_checkpoint(
         for name in ckpt.names():
             tensor = ckpt.get(name)
             before = tensor.numel() * tensor.element_size()
-            if is_quantized(name):
+            if is_quantized(name, families):
                 packed = scheme.quantize(to_stored_orientation(name, tensor))
                 ckpt.release(name)  # packed: the source pages are no longer needed
                 report.add(name, before, sum(t.numel() * t.element_size() for t in packed.values()), True)
@@ -111,7 +115,7 @@ def quantize_checkpoint(
                 progress(done, total, name)
 
     quant_config = dataclasses.replace(
-        config, quantization={**scheme.metadata(), "modules": list(QUANTIZED_FAMILIES)}
+        config, quantization={**scheme.metadata(), "modules": list(families)}
     )
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     default_permissions(tmp)  # mkdtemp makes it owner-only; a model directory is shared like any other
@@ -129,11 +133,11 @@ def quantize_checkpoint(
     return ConvertResult(out, report, time.perf_counter() - started, total)
 
 
-def _output_bytes(ckpt, scheme: Scheme) -> int:
+def _output_bytes(ckpt, scheme: Scheme, families: tuple[str, ...]) -> int:
     size = 0
     for name in ckpt.names():
         shape = ckpt.shape(name)
-        if is_quantized(name):
+        if is_quantized(name, families):
             size += scheme.packed_nbytes(stored_shape(name, shape))
         else:
             size += ckpt.dtype(name).itemsize * math.prod(shape)

@@ -21,7 +21,13 @@ from .config import AriaConfig, load_config
 from .decode_kernels import use_gemv_layout
 from .errors import CheckpointError, UsageError
 from .model import AriaForConditionalGeneration, build_model
-from .quant_targets import is_quantized, packed_name, stored_shape
+from .quant_targets import (
+    QUANTIZED_FAMILIES,
+    families_to_load,
+    is_quantized,
+    packed_name,
+    stored_shape,
+)
 from .quantized_model import QuantReport, install_packed, quantize_model
 
 
@@ -30,9 +36,11 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     quant: str | None = None,
+    quant_lm_head: bool = False,
 ) -> AriaForConditionalGeneration:
-    """Load an Aria checkpoint. `dtype=None` keeps the stored dtype; `quant` = int4|int8|nf4|None."""
-    model, _ = load_model_with_report(path, dtype, device, quant)
+    """Load an Aria checkpoint. `dtype=None` keeps the stored dtype; `quant` = int4|int8|nf4|None;
+    `quant_lm_head` quantizes the lm_head too (runtime.quant_targets)."""
+    model, _ = load_model_with_report(path, dtype, device, quant, quant_lm_head)
     return model
 
 
@@ -41,6 +49,7 @@ def load_model_with_report(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     quant: str | None = None,
+    quant_lm_head: bool = False,
 ) -> tuple[AriaForConditionalGeneration, QuantReport | None]:
     config = load_config(path)
     model = build_model(config)  # meta: no memory until the checkpoint's tensors are assigned
@@ -50,9 +59,11 @@ def load_model_with_report(
             raise UsageError(
                 f"{path} is already quantized ({config.quantization.get('scheme')}); drop --quant {quant}"
             )
-        report = _load_quantized(model, config, path, dtype, device)
+        report = _load_quantized(model, config, path, dtype, device, families_to_load(config.quantization, quant_lm_head))
     elif quant not in (None, "none"):
-        report = _load_and_quantize(model, path, _scheme(quant), dtype, device)
+        report = _load_and_quantize(model, path, _scheme(quant), dtype, device, families_to_load(None, quant_lm_head))
+    elif quant_lm_head:
+        raise UsageError("--quant-lm-head quantizes with the --quant scheme; add --quant int4, int8 or nf4")
     else:
         ckpt = load_weights(model, path, dtype=dtype, device=device)
         use_gemv_layout(model, release=ckpt.release)  # bf16 on the CPU: see runtime.decode_kernels
@@ -71,22 +82,27 @@ def _compute_dtype(ckpt: Checkpoint, dtype: torch.dtype | None) -> torch.dtype:
     return dtype or ckpt.dtype("language_model.model.embed_tokens.weight")
 
 
-def _load_and_quantize(model, path, scheme: Scheme, dtype, device) -> QuantReport:
+def _load_and_quantize(model, path, scheme: Scheme, dtype, device, families: tuple[str, ...]) -> QuantReport:
     # Load as stored (zero-copy mmap views), pack each target and drop its source pages right
     # away, then convert what stays in floating point.
     ckpt = load_weights(model, path, dtype=None, device="cpu")
     compute = _compute_dtype(ckpt, dtype)
-    report = quantize_model(model, scheme, compute, device, release=ckpt.release)
+    try:
+        report = quantize_model(model, scheme, compute, device, release=ckpt.release, families=families)
+    except ValueError as exc:  # a weight shape the scheme's kernels cannot take
+        raise UsageError(f"{exc}; choose another --quant") from None
     model.reset_buffers()  # materialise the (meta) RoPE buffer so .to() can move the rest
     model.to(device=device, dtype=compute)
     return report
 
 
-def expected_quantized_shapes(model: torch.nn.Module, scheme: Scheme) -> dict[str, tuple[int, ...]]:
+def expected_quantized_shapes(
+    model: torch.nn.Module, scheme: Scheme, families: tuple[str, ...] = QUANTIZED_FAMILIES
+) -> dict[str, tuple[int, ...]]:
     """Every tensor name and shape a quantized checkpoint of `model` holds (floats + packed parts)."""
     expected = {}
     for name, tensor in model.state_dict().items():
-        if is_quantized(name):
+        if is_quantized(name, families):
             for suffix, (shape, _) in scheme.packed_spec(stored_shape(name, tensor.shape)).items():
                 expected[packed_name(name, suffix)] = shape
         else:
@@ -94,20 +110,20 @@ def expected_quantized_shapes(model: torch.nn.Module, scheme: Scheme) -> dict[st
     return expected
 
 
-def _load_quantized(model, config: AriaConfig, path, dtype, device) -> QuantReport:
+def _load_quantized(model, config: AriaConfig, path, dtype, device, families: tuple[str, ...]) -> QuantReport:
     try:  # the block also lists the quantized families ("modules"), which are not scheme options
         scheme = scheme_from_metadata({k: v for k, v in config.quantization.items() if k != "modules"})
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}; re-run aria quantize") from None
     ckpt = open_checkpoint(path)
-    check_fits(ckpt, expected_quantized_shapes(model, scheme))
+    check_fits(ckpt, expected_quantized_shapes(model, scheme, families))
     compute = _compute_dtype(ckpt, dtype)
 
     def packed(name: str) -> dict[str, torch.Tensor]:
         return {s: ckpt.get(packed_name(name, s)) for s in scheme.suffixes}
 
     try:
-        report = install_packed(model, scheme, packed, compute, device)
+        report = install_packed(model, scheme, packed, compute, device, families=families)
     except ValueError as exc:  # a packed tensor of the wrong dtype or size
         raise CheckpointError(f"{path}: {exc}; re-run aria quantize") from None
     state = {n: ckpt.get(n, compute, device, release_source=True) for n in model.state_dict()}

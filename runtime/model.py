@@ -28,13 +28,14 @@ class AriaForConditionalGeneration(nn.Module):
         self.multi_modal_projector = Projector(config)
         self.language_model = CausalLM(config.text)
 
+    # Read off the embedding table: never quantized, and on the compute device in every placement.
     @property
     def dtype(self) -> torch.dtype:
-        return self.language_model.lm_head.weight.dtype
+        return self.language_model.model.embed_tokens.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.language_model.lm_head.weight.device
+        return self.language_model.model.embed_tokens.weight.device
 
     def image_features(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
         """Crops [N, 3, S, S] + masks [N, S, S] -> text-space features [N, Q, H]."""

@@ -24,6 +24,7 @@ from quant import Scheme, get_scheme
 from .config import AriaConfig, TextConfig
 from .errors import PlacementError, UsageError
 from .kv_cache import KVCache
+from .quant_targets import QUANTIZED_FAMILIES
 from .weight_bytes import WeightBytes, weight_bytes
 
 DEFAULT_CONTEXT = 8192
@@ -251,15 +252,17 @@ def plan_placement(
     bandwidth: Bandwidths = Bandwidths(),
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     image_crops: int = DEFAULT_IMAGE_CROPS,
+    quantized: tuple[str, ...] = QUANTIZED_FAMILIES,
 ) -> Plan:
     """Decide where everything lives on a device with `budget` bytes (raises PlacementError if
-    nothing fits, UsageError for flags out of range). `scheme` None = float weights in `dtype`."""
+    nothing fits, UsageError for flags out of range). `scheme` None = float weights in `dtype`;
+    `quantized`: the families it packs (runtime.quant_targets)."""
     t = config.text
     n_layers, n_experts = t.num_hidden_layers, t.moe_num_experts
     _check_flags(t, budget, context, n_cpu_moe, expert_slots, miss_policy)
     scheme = resolve_scheme(scheme)
     label = scheme_label(scheme, dtype)
-    weights = weight_bytes(config, scheme, dtype)
+    weights = weight_bytes(config, scheme, dtype, quantized)
     kv = KVCache.bytes_needed(t, context, dtype)
     work = workspace_bytes(config, context, dtype, prefill_chunk, image_crops)
     slot = _round_up(weights.expert, SLOT_ALIGN) + SLOT_ALIGN * MAX_PAYLOAD_TENSORS

@@ -4,8 +4,10 @@ One table serves the converter (`aria quantize`), the quantized loader, on-the-f
 the bytes report and the placement planner, so they can never disagree about what is quantized.
 
 Quantized: every decoder linear — attention q/k/v/o, the shared experts, all routed experts.
-Kept in floating point: embeddings, norms, routers, vision tower, projector, lm_head (small, or
-sensitive, or both). Routed experts are grouped [E, in, out] in float checkpoints; their packed
+Kept in floating point: embeddings, norms, routers, vision tower, projector (small, or
+sensitive, or both), and lm_head unless asked (`--quant-lm-head`): it is a large share of what
+a decode step reads (a fifth of Aria's active int4 bytes), but every logit goes through it.
+A quantized checkpoint lists its families in config.json's `quantization.modules`. Routed experts are grouped [E, in, out] in float checkpoints; their packed
 form is stored in linear orientation [E, out, in], which is what the matmul kernels take.
 """
 
@@ -14,6 +16,8 @@ from __future__ import annotations
 import re
 
 import torch
+
+from .errors import CheckpointError, UsageError
 
 FAMILIES = (
     "routed experts",
@@ -27,6 +31,7 @@ FAMILIES = (
     "projector",
 )
 QUANTIZED_FAMILIES = ("routed experts", "shared experts", "attention")
+OPTIONAL_FAMILIES = ("lm_head",)  # quantized only when asked
 
 _LAYER = r"language_model\.model\.layers\.\d+\."
 _FAMILY_RULES = [
@@ -50,8 +55,27 @@ def family_of(name: str) -> str:
     raise ValueError(f"'{name}' is not a canonical Aria weight name")
 
 
-def is_quantized(name: str) -> bool:
-    return family_of(name) in QUANTIZED_FAMILIES
+def quantized_families(lm_head: bool = False) -> tuple[str, ...]:
+    return QUANTIZED_FAMILIES + (("lm_head",) if lm_head else ())
+
+
+def families_to_load(quantization: dict | None, quant_lm_head: bool) -> tuple[str, ...]:
+    """The families a load quantizes: a quantized checkpoint's own list (config.json's
+    `quantization.modules`), else the defaults plus lm_head when `--quant-lm-head` asks."""
+    if quantization is None:
+        return quantized_families(lm_head=quant_lm_head)
+    listed = tuple(quantization.get("modules", QUANTIZED_FAMILIES))
+    if not set(QUANTIZED_FAMILIES) <= set(listed) <= set(QUANTIZED_FAMILIES + OPTIONAL_FAMILIES):
+        raise CheckpointError(f"config.json lists quantized modules {list(listed)}, which this aria cannot "
+                              "load; re-run aria quantize")
+    if quant_lm_head and "lm_head" not in listed:
+        raise UsageError("this model was quantized with its lm_head kept; drop --quant-lm-head, "
+                         "or re-run aria quantize with --quant-lm-head")
+    return listed
+
+
+def is_quantized(name: str, families: tuple[str, ...] = QUANTIZED_FAMILIES) -> bool:
+    return family_of(name) in families
 
 
 def is_grouped_expert(name: str) -> bool:

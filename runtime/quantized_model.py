@@ -19,7 +19,7 @@ from torch import nn
 from quant import Prepared, QuantizedLinear, Scheme, slice_packed
 
 from .moe import RoutedExperts, routed_sum, swiglu
-from .quant_targets import FAMILIES, family_of, is_quantized, to_stored_orientation
+from .quant_targets import FAMILIES, QUANTIZED_FAMILIES, family_of, is_quantized, to_stored_orientation
 
 PackedGetter = Callable[[str], dict[str, torch.Tensor]]  # weight name -> packed tensors
 
@@ -96,7 +96,7 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _targets(model: nn.Module) -> list[tuple[nn.Module, str, list[str]]]:
+def _targets(model: nn.Module, families: tuple[str, ...]) -> list[tuple[nn.Module, str, list[str]]]:
     """(parent, attribute, weight names) of every module to quantize, listed before any is swapped."""
     found = []
     for name, module in model.named_modules():
@@ -104,7 +104,7 @@ def _targets(model: nn.Module) -> list[tuple[nn.Module, str, list[str]]]:
             path = f"{name}.{attr}" if name else attr
             if isinstance(child, RoutedExperts):
                 found.append((module, attr, [f"{path}.fc1.weight", f"{path}.fc2.weight"]))
-            elif isinstance(child, nn.Linear) and is_quantized(f"{path}.weight"):
+            elif isinstance(child, nn.Linear) and is_quantized(f"{path}.weight", families):
                 found.append((module, attr, [f"{path}.weight"]))
     return found
 
@@ -116,8 +116,17 @@ def quantize_model(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     release: Callable[[str], None] | None = None,
+    families: tuple[str, ...] = QUANTIZED_FAMILIES,
 ) -> QuantReport:
-    """Quantize every target of a float model in place; `release(name)` frees each source after."""
+    """Quantize every target of a float model in place; `release(name)` frees each source after.
+
+    Raises ValueError naming the first weight whose shape the scheme cannot take, before any
+    weight is touched."""
+    for _, _, names in _targets(model, families):
+        for name in names:
+            problem = scheme.why_unsupported(to_stored_orientation(name, model.get_parameter(name)).shape)
+            if problem:
+                raise ValueError(f"{name}: {problem}")
 
     def packed_from_float(name: str) -> dict[str, torch.Tensor]:
         weight = model.get_parameter(name)
@@ -126,7 +135,7 @@ def quantize_model(
             release(name)
         return packed
 
-    return install_packed(model, scheme, packed_from_float, dtype, device, report_floats=True)
+    return install_packed(model, scheme, packed_from_float, dtype, device, report_floats=True, families=families)
 
 
 @torch.no_grad()
@@ -137,13 +146,14 @@ def install_packed(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     report_floats: bool = False,
+    families: tuple[str, ...] = QUANTIZED_FAMILIES,
 ) -> QuantReport:
     """Replace every target module by its quantized form built from `get_packed(weight name)`.
 
     Works on a meta-built model (nothing is read but the packed tensors) and on a loaded one.
     """
     report = QuantReport()
-    for parent, attr, names in _targets(model):
+    for parent, attr, names in _targets(model, families):
         before = {n: _nbytes(model.get_parameter(n)) for n in names}
         packed = {n: get_packed(n) for n in names}
         if isinstance(getattr(parent, attr), RoutedExperts):

@@ -19,14 +19,15 @@ from quant import Scheme
 from .config import AriaConfig
 from .errors import UsageError
 from .model import build_model
-from .quant_targets import FAMILIES, family_of, is_quantized, stored_shape
+from .quant_targets import FAMILIES, QUANTIZED_FAMILIES, family_of, is_quantized, stored_shape
 
 ROUTED = "routed experts"
 
 
-def tensor_bytes(name: str, shape: tuple[int, ...], scheme: Scheme | None, dtype: torch.dtype) -> int:
+def tensor_bytes(name: str, shape: tuple[int, ...], scheme: Scheme | None, dtype: torch.dtype,
+                 families: tuple[str, ...] = QUANTIZED_FAMILIES) -> int:
     """Bytes of one parameter as the runtime holds it: packed if quantized, else `dtype`."""
-    if scheme is not None and is_quantized(name):
+    if scheme is not None and is_quantized(name, families):
         packed_shape = stored_shape(name, shape)
         problem = scheme.why_unsupported(packed_shape)
         if problem:  # the converter refuses such a model outright; so does the planner
@@ -79,15 +80,17 @@ def parameter_shapes(config: AriaConfig) -> tuple[tuple[str, tuple[int, ...]], .
     return _SHAPES[key]
 
 
-def weight_bytes(config: AriaConfig, scheme: Scheme | None = None, dtype: torch.dtype = torch.bfloat16) -> WeightBytes:
-    """Count every parameter of the meta-built model (no memory is allocated)."""
+def weight_bytes(config: AriaConfig, scheme: Scheme | None = None, dtype: torch.dtype = torch.bfloat16,
+                 quantized: tuple[str, ...] = QUANTIZED_FAMILIES) -> WeightBytes:
+    """Count every parameter of the meta-built model (no memory is allocated); `quantized`: the
+    families `scheme` packs."""
     families = dict.fromkeys(FAMILIES, 0)
     expert_shapes = []
     for name, shape in parameter_shapes(config):
-        families[family_of(name)] += tensor_bytes(name, shape, scheme, dtype)
+        families[family_of(name)] += tensor_bytes(name, shape, scheme, dtype, quantized)
         if family_of(name) == ROUTED and ".layers.0." in name:
             expert_shapes.append((name, (1, *shape[1:])))  # fc1 and fc2 of a single expert
-    expert = sum(tensor_bytes(name, shape, scheme, dtype) for name, shape in expert_shapes)
+    expert = sum(tensor_bytes(name, shape, scheme, dtype, quantized) for name, shape in expert_shapes)
     t = config.text
     result = WeightBytes(families, expert, t.num_hidden_layers, t.moe_num_experts, t.vocab_size)
     if result.routed != expert * t.num_hidden_layers * t.moe_num_experts:

@@ -75,6 +75,30 @@ def test_quantized_output_loads_with_ask_and_answers_like_the_in_process_model(s
     assert json.loads(ask.stdout)["tokens"] == expected.tokens
 
 
+def test_quant_lm_head_flag_quantizes_it_in_the_file_and_while_loading(source, tmp_path):
+    out = tmp_path / "q8-head"
+    result = run("quantize", source, "-o", out, "--scheme", "int8", "--quant-lm-head", "--json")
+    assert result.exit_code == 0, result.stderr
+    families = {row["family"]: row["status"] for row in json.loads(result.stdout)["families"]}
+    assert families["lm_head"] == "quantized" and families["embeddings"] == "kept"
+
+    stored = run("ask", "-m", out, "Describe a cat.", "-n", 10, "--json")
+    on_the_fly = run("ask", "-m", source, "--quant", "int8", "--quant-lm-head", "Describe a cat.", "-n", 10, "--json")
+    assert stored.exit_code == 0 and on_the_fly.exit_code == 0, stored.stderr + on_the_fly.stderr
+    chat = Conversation()
+    chat.add("user", "Describe a cat.")
+    expected = Assistant.open(source, quant="int8", quant_lm_head=True).reply(chat, GenerationOptions(max_tokens=10))
+    expected.read()
+    assert json.loads(stored.stdout)["tokens"] == json.loads(on_the_fly.stdout)["tokens"] == expected.tokens
+
+    kept = tmp_path / "q8"
+    assert run("quantize", source, "-o", kept, "--scheme", "int8").exit_code == 0
+    refused = run("ask", "-m", kept, "--quant-lm-head", "Describe a cat.")
+    assert refused.exit_code == 2 and refused.stdout == ""
+    assert refused.stderr.startswith("error: this model was quantized with its lm_head kept; drop --quant-lm-head")
+    assert len(refused.stderr.splitlines()) == 1
+
+
 def test_report_rows_match_the_bytes_in_the_files(source, tmp_path):
     out = tmp_path / "q4"
     report = json.loads(run("quantize", source, "-o", out, "--scheme", "int4", "--json").stdout)

@@ -21,7 +21,7 @@ from runtime.placement import (
     plan_placement,
 )
 from runtime.plan_table import PLAN_COLUMNS, SUMMARY_COLUMNS, plan_rows, summary_rows
-from runtime.quant_targets import is_quantized
+from runtime.quant_targets import is_quantized, quantized_families
 from runtime.quantized_model import quantize_model
 from runtime.tiny_checkpoint import tiny_config
 from runtime.weight_bytes import weight_bytes
@@ -110,6 +110,12 @@ def test_tiny_model_bytes_equal_the_quantized_model(name):
     report = quantize_model(model, get_scheme(name), torch.float32)
     assert report.unquantized_experts() == 0
     assert weight_bytes(config, get_scheme(name), torch.float32).families == report.after
+    # With the lm_head quantized too (--quant-lm-head): counted as the model holds it.
+    with_head = quantized_families(lm_head=True)
+    model = init_random_weights(build_model(config, device="cpu"), seed=0)
+    report = quantize_model(model, get_scheme(name), torch.float32, families=with_head)
+    counted = weight_bytes(config, get_scheme(name), torch.float32, with_head).families
+    assert counted == report.after and counted["lm_head"] < weight_bytes(config, None, torch.float32).families["lm_head"] / 2
 
 
 def test_a_scheme_that_cannot_take_the_shapes_is_refused():

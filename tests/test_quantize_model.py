@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quant import get_scheme
+from quant import QuantizedLinear, get_scheme
 from runtime.checkpoint import open_checkpoint
 from runtime.convert import quantize_checkpoint
 from runtime.errors import AriaError, CheckpointError, UsageError
 from runtime.loader import load_model, load_model_with_report
-from runtime.quant_targets import QUANTIZED_FAMILIES, family_of, is_quantized
+from runtime.quant_targets import QUANTIZED_FAMILIES, family_of, is_quantized, quantized_families
 from runtime.tiny_checkpoint import tiny_config, write_tiny_checkpoint
 
 # Widths that every scheme's kernels accept (int4 needs in_features % 128 == 0).
@@ -65,6 +65,53 @@ def test_quantized_checkpoint_equals_on_the_fly_quantization(sources, prompt, tm
     stored = logits(load_model(out, torch.float32), prompt)
     on_the_fly = logits(load_model(sources["c1"], torch.float32, quant=scheme), prompt)
     assert torch.equal(stored, on_the_fly)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_lm_head_is_quantized_when_asked_alike_stored_and_on_the_fly(sources, prompt, float_logits, tmp_path,
+                                                                    scheme):
+    families = quantized_families(lm_head=True)
+    result = quantize_checkpoint(sources["c1"], tmp_path / "q", get_scheme(scheme), families=families)
+    config = json.loads((result.out_dir / "config.json").read_text())
+    assert config["quantization"]["modules"] == list(families)
+    assert set(get_scheme(scheme).suffixes) == {
+        n.rsplit(".", 1)[1] for n in open_checkpoint(result.out_dir).names() if n.startswith("language_model.lm_head.")}
+    rows = {family: state for family, _, _, state in result.report.rows()}
+    assert rows["lm_head"] == "quantized" and rows["embeddings"] == "kept"
+
+    stored_model = load_model(result.out_dir, torch.float32)
+    assert isinstance(stored_model.language_model.lm_head, QuantizedLinear)
+    stored = logits(stored_model, prompt)
+    on_the_fly = logits(load_model(sources["c1"], torch.float32, quant=scheme, quant_lm_head=True), prompt)
+    assert torch.equal(stored, on_the_fly)
+    head_kept = logits(load_model(sources["c1"], torch.float32, quant=scheme), prompt)
+    assert not torch.equal(stored, head_kept)  # the lm_head really changed
+    cos = F.cosine_similarity(stored.flatten(), float_logits.flatten(), dim=0).item()
+    assert cos >= COSINE_BOUND[scheme]
+
+
+def test_lm_head_flag_conflicts_are_one_line_errors(sources, tmp_path):
+    with pytest.raises(UsageError, match="add --quant int4, int8 or nf4"):
+        load_model(sources["c1"], torch.float32, quant_lm_head=True)
+    kept = quantize_checkpoint(sources["c1"], tmp_path / "kept", get_scheme("int8")).out_dir
+    with pytest.raises(UsageError, match="quantized with its lm_head kept"):
+        load_model(kept, torch.float32, quant_lm_head=True)
+    config = json.loads((kept / "config.json").read_text())
+    config["quantization"]["modules"].append("embeddings")
+    (kept / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="re-run aria quantize"):
+        load_model(kept, torch.float32)
+
+
+def test_lm_head_shape_a_scheme_cannot_take_is_refused_before_loading(tmp_path):
+    # nf4's kernels need out_features % 32 == 0; a 400-token vocabulary (the demo's) is not.
+    src = write_tiny_checkpoint(tmp_path / "v400", seed=1, config=tiny_config(
+        hidden_size=128, moe_intermediate_size=128, vocab_size=400))
+    with pytest.raises(UsageError, match=r"lm_head\.weight: nf4 kernels need out_features divisible by 32"):
+        load_model(src, torch.float32, quant="nf4", quant_lm_head=True)
+    with pytest.raises(UsageError, match=r"lm_head\.weight: nf4"):
+        quantize_checkpoint(src, tmp_path / "q", get_scheme("nf4"), families=quantized_families(lm_head=True))
+    assert not (tmp_path / "q").exists()
 
 
 # int8 meets the issue's 0.999 bound on random weights. The 4-bit schemes land near 0.98 here:
