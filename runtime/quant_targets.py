@@ -7,8 +7,10 @@ Quantized: every decoder linear — attention q/k/v/o, the shared experts, all r
 Kept in floating point: embeddings, norms, routers, vision tower, projector (small, or
 sensitive, or both), and lm_head unless asked (`--quant-lm-head`): it is a large share of what
 a decode step reads (a fifth of Aria's active int4 bytes), but every logit goes through it.
-A quantized checkpoint lists its families in config.json's `quantization.modules`. Routed experts are grouped [E, in, out] in float checkpoints; their packed
-form is stored in linear orientation [E, out, in], which is what the matmul kernels take.
+A quantized checkpoint lists its families in config.json's `quantization.modules`.
+
+Routed experts are grouped [E, in, out] in float checkpoints; their packed form is stored in
+linear orientation [E, out, in], which is what the matmul kernels take.
 """
 
 from __future__ import annotations
