@@ -59,6 +59,9 @@ class Scheme(ABC):
     # kernels are gemv-like, their cost grows with every row, a GEMM's barely. Each scheme sets
     # it from bench/quant_matmul.py's crossover.
     cpu_gemm_min_rows: int
+    # True when prepare gives the same tensors (bytes) for the CPU and for CUDA and only the
+    # kernel differs: one copy of a prepared weight then serves both (the offload store's rows).
+    same_layout_on_every_device: bool = False
 
     # ----- what subclasses provide -------------------------------------------------------------
 

@@ -115,10 +115,25 @@ class Plan:
                 + self.slot_total_bytes + self.stream_bytes)
 
     @property
-    def host_bytes(self) -> int:
-        """Host memory for the expert store (pinned on CUDA machines)."""
+    def host_store_bytes(self) -> int:
+        """The expert store's rows, one per offloaded expert (pinned on CUDA machines)."""
         offloaded = sum(1 for lp in self.layers if lp.where != DEVICE)
         return offloaded * self.num_experts * self.expert_bytes
+
+    @property
+    def host_layout_copy_bytes(self) -> int:
+        """Where the host computes experts and the scheme's CPU kernels want another layout than
+        the device's (int4, nf4), the store keeps a second row per expert in that layout (about
+        the same size; runtime.offload.host_store)."""
+        scheme = resolve_scheme(self.scheme)
+        if scheme is None or scheme.same_layout_on_every_device:
+            return 0
+        computed = sum(1 for lp in self.layers if lp.where == HOST or (lp.where == CACHE and self.miss_policy != "fetch"))
+        return computed * self.num_experts * self.expert_bytes
+
+    @property
+    def host_bytes(self) -> int:
+        return self.host_store_bytes + self.host_layout_copy_bytes
 
     @property
     def offloaded(self) -> bool:

@@ -232,3 +232,20 @@ def test_quantized_codec_computes_the_dequantized_expert(rows, monkeypatch):
     torch.testing.assert_close(codec.compute(codec.payload(1, torch.device("cpu")), x), expected,
                                rtol=1e-4, atol=1e-4)
     assert len(gemm_calls) == (2 if rows >= scheme.cpu_gemm_min_rows else 0)
+
+
+@pytest.mark.parametrize(("name", "shared"), [("int8", True), ("int4", False), ("nf4", False)])
+def test_one_store_row_serves_device_and_host_only_where_the_layouts_match(name, shared):
+    # No GPU here: the CUDA preparation of int8 has no CUDA-only step, so it runs on CPU tensors
+    # and must give the CPU preparation's exact tensors; that is what lets the store skip its
+    # second (host-layout) copy of every expert.
+    scheme = get_scheme(name)
+    packed = scheme.quantize(torch.randn(64, 256, generator=torch.Generator().manual_seed(1)))
+    grouped = scheme.quantize(torch.randn(2, 64, 256))
+    codec = QuantizedExpertCodec(scheme, grouped, grouped, torch.bfloat16)
+    assert (codec.layout_key(torch.device("cuda")) == codec.layout_key(torch.device("cpu"))) == shared
+    if shared:
+        on_cpu, _ = scheme._prepare_cpu(packed, torch.bfloat16)
+        for_cuda, _ = scheme._prepare_cuda(packed, torch.bfloat16)
+        assert on_cpu.keys() == for_cuda.keys()
+        assert all(torch.equal(on_cpu[k], for_cuda[k]) and on_cpu[k].dtype == for_cuda[k].dtype for k in on_cpu)

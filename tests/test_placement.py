@@ -137,7 +137,13 @@ def test_card_plans_stay_within_and_use_the_budget(aria, card, scheme):
         # Greedy fill: no room is left for one more slot.
         assert plan.budget - plan.device_bytes < plan.slot_bytes
         assert all(0 < lp.slots < EXPERTS for lp in cached)
-        assert plan.host_bytes == LAYERS * EXPERTS * plan.expert_bytes
+        # Every expert has a host row; int4's CPU kernels want another layout, so the store
+        # keeps a second row per expert for computing misses on the host (the default policy).
+        copies = 2 if scheme == "int4" else 1
+        assert plan.host_bytes == copies * LAYERS * EXPERTS * plan.expert_bytes
+        if scheme == "int4":
+            fetch_only = plan_placement(aria, card * GIB, context=8192, scheme=scheme, miss_policy="fetch")
+            assert fetch_only.host_bytes == LAYERS * EXPERTS * plan.expert_bytes
     else:
         assert all(lp.where == DEVICE for lp in plan.layers)
         assert plan.host_bytes == 0

@@ -59,7 +59,8 @@ class QuantizedExpertCodec(ExpertCodec):
     """Quantized experts: packed fc1 [E, 2I, H] and fc2 [E, H, I] (linear orientation) of `scheme`.
 
     A payload is the scheme's prepared tensors for that device (prefixed `fc1.` / `fc2.`); the
-    kernels differ per device type, so does the layout key.
+    kernels differ per device type, and so does the layout unless the scheme says it is the same
+    everywhere (int8): then the host computes on the device rows and keeps no second copy.
     """
 
     def __init__(self, scheme: Scheme, fc1: dict[str, Tensor], fc2: dict[str, Tensor], dtype: torch.dtype):
@@ -71,9 +72,13 @@ class QuantizedExpertCodec(ExpertCodec):
 
     def payload(self, expert: int, device: torch.device) -> dict[str, Tensor]:
         out = {}
+        device_type = torch.device(device).type
         for name, packed in self._packed.items():
             prepared = self.scheme.prepare(slice_packed(packed, expert), device, self.dtype)
-            self._kernels[(torch.device(device).type, name)] = prepared.kernel
+            self._kernels[(device_type, name)] = prepared.kernel
+            if self.scheme.same_layout_on_every_device and ("cpu", name) not in self._kernels:
+                # The host computes on these same bytes (one store row serves both): learn its kernel once.
+                self._kernels[("cpu", name)] = self.scheme.prepare(slice_packed(packed, expert), "cpu", self.dtype).kernel
             out.update({f"{name}.{key}": t for key, t in prepared.tensors.items()})
         return out
 
@@ -93,7 +98,7 @@ class QuantizedExpertCodec(ExpertCodec):
         return self._linear("fc2", tensors, swiglu(self._linear("fc1", tensors, x)))
 
     def layout_key(self, device: torch.device) -> str:
-        return torch.device(device).type
+        return "any" if self.scheme.same_layout_on_every_device else torch.device(device).type
 
     def release_sources(self) -> None:
         self._packed = {}
