@@ -100,8 +100,7 @@ class Nf4Scheme(Scheme):
         return _dequantize_then_linear_tensors(packed), _dequantize_then_linear
 
     def _cpu_gemm(self, x: Tensor, packed: dict[str, Tensor]) -> Tensor:
-        _bitsandbytes()
-        return _dequantize_then_linear(x, packed)
+        return _dequantize_then_linear(x, packed)  # _prepare_cpu loaded the bitsandbytes ops
 
     def _prepare_cuda(
         self, packed: dict[str, Tensor], dtype: torch.dtype

@@ -25,7 +25,14 @@ from .checkpoint import open_checkpoint
 from .checkpoint_writer import write_checkpoint
 from .config import load_config
 from .errors import AriaError, UsageError
-from .quant_targets import QUANTIZED_FAMILIES, is_quantized, packed_name, stored_shape, to_stored_orientation
+from .quant_targets import (
+    QUANTIZED_FAMILIES,
+    first_unsupported,
+    is_quantized,
+    packed_name,
+    stored_shape,
+    to_stored_orientation,
+)
 from .quantized_model import QuantReport
 from .safetensors_io import default_permissions
 
@@ -75,11 +82,10 @@ def quantize_checkpoint(
     if out.exists() and not force:
         raise UsageError(f"{out} already exists; choose another -o or pass --force to replace it")
     ckpt = open_checkpoint(src)
-    for name in ckpt.names():  # refuse before writing anything if some weight cannot be packed
-        quantized = is_quantized(name, families)
-        problem = scheme.why_unsupported(stored_shape(name, ckpt.shape(name))) if quantized else None
-        if problem:
-            raise UsageError(f"{name}: {problem}; choose another --scheme")
+    # Refuse before writing anything if some weight cannot be packed.
+    problem = first_unsupported(scheme, ((name, ckpt.shape(name)) for name in ckpt.names()), families)
+    if problem:
+        raise UsageError(f"{problem}; choose another --scheme")
     needed = _output_bytes(ckpt, scheme, families)
     out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free

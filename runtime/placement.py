@@ -69,6 +69,12 @@ class LayerPlacement:
     slots: int
 
 
+def computes_on_host(where: str, miss_policy: str) -> bool:
+    """Whether a layer placed `where` ever runs an expert on the host: always for "host", on a
+    cache miss unless the policy only fetches; never for a resident layer."""
+    return where == HOST or (where == CACHE and miss_policy != "fetch")
+
+
 @dataclass(frozen=True)
 class Plan:
     scheme: str  # "bf16", "int4", ... (the routed experts' format)
@@ -128,7 +134,7 @@ class Plan:
         scheme = resolve_scheme(self.scheme)
         if scheme is None or scheme.same_layout_on_every_device:
             return 0
-        computed = sum(1 for lp in self.layers if lp.where == HOST or (lp.where == CACHE and self.miss_policy != "fetch"))
+        computed = sum(1 for lp in self.layers if computes_on_host(lp.where, self.miss_policy))
         return computed * self.num_experts * self.expert_bytes
 
     @property

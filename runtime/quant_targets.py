@@ -16,6 +16,7 @@ linear orientation [E, out, in], which is what the matmul kernels take.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -58,7 +59,7 @@ def family_of(name: str) -> str:
 
 
 def quantized_families(lm_head: bool = False) -> tuple[str, ...]:
-    return QUANTIZED_FAMILIES + (("lm_head",) if lm_head else ())
+    return QUANTIZED_FAMILIES + (OPTIONAL_FAMILIES if lm_head else ())
 
 
 def families_to_load(quantization: dict | None, quant_lm_head: bool) -> tuple[str, ...]:
@@ -78,6 +79,17 @@ def families_to_load(quantization: dict | None, quant_lm_head: bool) -> tuple[st
 
 def is_quantized(name: str, families: tuple[str, ...] = QUANTIZED_FAMILIES) -> bool:
     return family_of(name) in families
+
+
+def first_unsupported(scheme, shapes: Iterable[tuple[str, Sequence[int]]], families: tuple[str, ...]) -> str | None:
+    """"NAME: reason" for the first weight of `families` among (name, shape as stored in a float
+    checkpoint) whose packed shape `scheme`'s kernels cannot take, else None."""
+    for name, shape in shapes:
+        if is_quantized(name, families):
+            problem = scheme.why_unsupported(stored_shape(name, shape))
+            if problem:
+                return f"{name}: {problem}"
+    return None
 
 
 def is_grouped_expert(name: str) -> bool:

@@ -19,7 +19,14 @@ from torch import nn
 from quant import Prepared, QuantizedLinear, Scheme, slice_packed
 
 from .moe import RoutedExperts, routed_sum, swiglu
-from .quant_targets import FAMILIES, QUANTIZED_FAMILIES, family_of, is_quantized, to_stored_orientation
+from .quant_targets import (
+    FAMILIES,
+    QUANTIZED_FAMILIES,
+    family_of,
+    first_unsupported,
+    is_quantized,
+    to_stored_orientation,
+)
 
 PackedGetter = Callable[[str], dict[str, torch.Tensor]]  # weight name -> packed tensors
 
@@ -122,11 +129,9 @@ def quantize_model(
 
     Raises ValueError naming the first weight whose shape the scheme cannot take, before any
     weight is touched."""
-    for _, _, names in _targets(model, families):
-        for name in names:
-            problem = scheme.why_unsupported(to_stored_orientation(name, model.get_parameter(name)).shape)
-            if problem:
-                raise ValueError(f"{name}: {problem}")
+    problem = first_unsupported(scheme, ((name, p.shape) for name, p in model.named_parameters()), families)
+    if problem:
+        raise ValueError(problem)
 
     def packed_from_float(name: str) -> dict[str, torch.Tensor]:
         weight = model.get_parameter(name)

@@ -19,7 +19,7 @@ import torch
 from ..device import CopyStream, as_device
 from ..errors import PlacementError
 from ..model import AriaForConditionalGeneration
-from ..placement import CACHE, DEVICE, HOST, Plan
+from ..placement import CACHE, DEVICE, HOST, Plan, computes_on_host
 from ..quantized_model import move_model
 from .cache import DEFAULT_DECAY, ExpertCache
 from .codec import codec_for
@@ -107,7 +107,7 @@ def apply_offload(
         if lp.where == DEVICE:
             continue
         codec = codec_for(layers[lp.layer].mlp.experts)
-        store = HostStore(codec, device, host, pin=device.type == "cuda", host_compute=lp.where == HOST or mode != "fetch")
+        store = HostStore(codec, device, host, pin=device.type == "cuda", host_compute=computes_on_host(lp.where, mode))
         codec.release_sources()
         if store.layout.nbytes > plan.slot_bytes:
             raise PlacementError(
