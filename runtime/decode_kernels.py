@@ -45,12 +45,14 @@ def _one_cpu_row(x: torch.Tensor) -> bool:
 def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """module(x), as a gemv when x is one bf16 row on the CPU and module a plain bias-free nn.Linear.
 
-    A plain nn.Linear without hooks is applied directly (F.linear): the module call machinery
-    costs as much as the product itself in a small decode step. A hooked module is called as
-    usual, so its hooks see every input.
+    A module without hooks (nn.Linear, or its quantized stand-in) is applied directly: the module
+    call machinery costs as much as the product itself in a small decode step. A hooked module is
+    called as usual, so its hooks see every input.
     """
-    if type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks:
+    if module._forward_hooks or module._forward_pre_hooks:
         return module(x)
+    if type(module) is not nn.Linear:
+        return module.forward(x)
     if module.bias is None and _one_cpu_row(x):
         return gemv(module.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
     return F.linear(x, module.weight, module.bias)

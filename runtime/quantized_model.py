@@ -18,7 +18,7 @@ from torch import nn
 
 from quant import Prepared, QuantizedLinear, Scheme, slice_packed
 
-from .moe import RoutedExperts, routed_sum, swiglu
+from .moe import RoutedExperts, one_token_routed_sum, routed_sum, swiglu
 from .quant_targets import (
     FAMILIES,
     QUANTIZED_FAMILIES,
@@ -51,6 +51,10 @@ class QuantizedRoutedExperts(nn.Module):
         return mm(swiglu(mm(x, self.fc1[expert])), self.fc2[expert])
 
     def forward(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1 and x.device.type == "cpu":
+            mm = self.scheme.matmul
+            return one_token_routed_sum(x, top_idx, top_w, lambda e, xe: mm(xe, self.fc1[e]),
+                                        lambda e, a: mm(a, self.fc2[e]))
         return routed_sum(x, top_idx, top_w, self.num_experts, self.run_expert)
 
     def prepare_for(self, device: torch.device | str) -> None:

@@ -16,6 +16,7 @@ from runtime.moe import (
     grouped_routed_sum,
     one_token_routed_sum,
     routed_sum,
+    weighted_rows,
 )
 
 E, H, INTER, K = 6, 16, 8, 2
@@ -67,7 +68,8 @@ def test_every_dispatch_equals_the_hand_loop(n, experts):
     torch.testing.assert_close(grouped_routed_sum(x, idx, w, fc1, fc2), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(float_routed_sum(x, idx, w, fc1, fc2), expected, atol=1e-5, rtol=1e-5)
     if n == 1:
-        torch.testing.assert_close(one_token_routed_sum(x, idx, w, fc1, fc2), expected, atol=1e-5, rtol=1e-5)
+        one = one_token_routed_sum(x, idx, w, lambda e, xe: xe @ fc1[e], lambda e, a: a @ fc2[e])
+        torch.testing.assert_close(one, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("n", [1, 9])
@@ -121,3 +123,16 @@ def test_grouped_dispatch_traces_into_one_graph_without_host_sync():
     w = w.to(torch.bfloat16)
     traced = torch.compile(grouped_routed_sum, fullgraph=True, backend="eager", dynamic=False)
     torch.testing.assert_close(traced(x, idx, w, fc1, fc2), grouped_routed_sum(x, idx, w, fc1, fc2), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_tokens_expert_outputs_are_summed_with_one_rounding(dtype):
+    """weighted_rows computes bf16 in float32 (PyTorch's bf16 product of this shape is slow on the
+    CPU): the result is the exact weighted sum rounded once to the rows' dtype."""
+    gen = torch.Generator().manual_seed(5)
+    rows = torch.randn(6, 1024, generator=gen).to(dtype)
+    w = torch.softmax(torch.randn(1, 6, generator=gen), dim=-1).to(dtype)
+    got = weighted_rows(w, rows)
+    exact = w.double() @ rows.double()
+    assert got.dtype == dtype and got.shape == (1, 1024)
+    torch.testing.assert_close(got.double(), exact.to(dtype).double(), atol=1e-6, rtol=2**-8)
