@@ -11,7 +11,8 @@ that dispatch, shared by every expert store (float, quantized, offloaded): each 
 run one expert on some tokens, and the per-expert token counts come to the host once per layer
 so the store can decide per expert; one token (decode) skips the sort and runs its k experts.
 Float experts dispatch in `float_routed_sum`:
-- one token on the CPU: its k experts straight from the ids (a host read is free there);
+- one token on the CPU: its k experts straight from the ids (a host read is free there), all k
+  gate/up products through one SwiGLU (`one_token_routed_sum`; quantized experts do the same);
 - elsewhere `grouped_routed_sum`: the same sort with the group boundaries kept on the device and
   one F.grouped_mm per projection, so no step waits for the host (GPU decode and any prefill);
 - where grouped_mm does not run (CUDA below bf16/SM80): routed_sum.
