@@ -128,14 +128,14 @@ class Plan:
 
     @property
     def host_layout_copy_bytes(self) -> int:
-        """Where the host computes experts and the scheme's CPU kernels want another layout than
-        the device's (int4, nf4), the store keeps a second row per expert in that layout (about
-        the same size; runtime.offload.host_store)."""
+        """A cached layer whose misses may run on the host, with a scheme whose CPU kernels want
+        another layout than the device's (int4, nf4), keeps a second row per expert in that layout
+        (about the same size; runtime.offload.host_store). A host-only layer keeps that layout alone."""
         scheme = resolve_scheme(self.scheme)
         if scheme is None or scheme.same_layout_on_every_device:
             return 0
-        computed = sum(1 for lp in self.layers if computes_on_host(lp.where, self.miss_policy))
-        return computed * self.num_experts * self.expert_bytes
+        both = sum(1 for lp in self.layers if lp.where == CACHE and computes_on_host(lp.where, self.miss_policy))
+        return both * self.num_experts * self.expert_bytes
 
     @property
     def host_bytes(self) -> int:

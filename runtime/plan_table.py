@@ -52,7 +52,7 @@ def plan_rows(plan: Plan) -> list[tuple[str, str, str]]:
         elif where == HOST:
             rows.append((f"{experts}: all {e}, computed on the CPU", "CPU memory", gb(n * e * plan.expert_bytes)))
     if plan.host_layout_copy_bytes:
-        rows.append((f"routed experts computed on the CPU: {plan.scheme}'s CPU layout, a second copy", "CPU memory",
+        rows.append((f"cached routed experts, misses on the CPU: {plan.scheme}'s CPU layout, a second copy", "CPU memory",
                       gb(plan.host_layout_copy_bytes)))
     if plan.stream_buffers:
         rows.append((f"expert stream buffers ({plan.stream_buffers})", "GPU", gb(plan.stream_bytes)))

@@ -158,3 +158,41 @@ def test_host_store_packs_each_expert_into_one_row():
         assert store.host_payload(e)["fc1"].data_ptr() == store.row(e).data_ptr()  # same layout: shared
     with pytest.raises(ValueError):
         PayloadLayout.of({"a": torch.zeros(3)}).pack({"b": torch.zeros(3)}, torch.zeros(SLOT_ALIGN, dtype=torch.uint8))
+
+
+class DeviceLaidOutCodec(FloatExpertCodec):
+    """Float experts whose CUDA payload has another layout than the host's (fc1 stored [out, in]),
+    as int4's and nf4's kernels have: the store must keep what each side reads, and no more."""
+
+    def payload(self, expert: int, device: torch.device) -> dict[str, torch.Tensor]:
+        tensors = super().payload(expert, device)
+        if torch.device(device).type == "cuda":
+            return {"fc1_t": tensors["fc1"].T.contiguous(), "fc2": tensors["fc2"]}
+        return tensors
+
+    def layout_key(self, device: torch.device) -> str:
+        return torch.device(device).type
+
+
+@pytest.mark.parametrize(("fetch", "host_compute", "row_sets"), [(True, True, 2), (True, False, 1), (False, True, 1)])
+def test_host_store_keeps_one_set_of_rows_per_layout_it_serves(fetch, host_compute, row_sets):
+    """A cached layer whose misses may run on the host needs both layouts; a layer that only
+    fetches needs the device's; a host-only layer (--cpu-moe) the host's alone."""
+    gen = torch.Generator().manual_seed(0)
+    fc1, fc2 = torch.randn(3, 8, 16, generator=gen), torch.randn(3, 8, 8, generator=gen)
+    codec = DeviceLaidOutCodec(fc1, fc2)
+    store = HostStore(codec, torch.device("cuda"), torch.device("cpu"), pin=False,
+                      host_compute=host_compute, fetch=fetch)
+    row_bytes = PayloadLayout.of(codec.payload(0, torch.device("cpu"))).nbytes
+    assert store.nbytes == row_sets * 3 * row_bytes
+    for e in range(3):
+        if fetch:
+            assert torch.equal(store.layout.views(store.row(e))["fc1_t"], fc1[e].T)
+        else:
+            with pytest.raises(ValueError, match="computes on the host only"):
+                store.row(e)
+        if host_compute:
+            assert torch.equal(store.host_payload(e)["fc1"], fc1[e])
+            assert torch.equal(store.host_payload(e)["fc2"], fc2[e])
+    with pytest.raises(ValueError):
+        HostStore(codec, torch.device("cuda"), torch.device("cpu"), pin=False, host_compute=False, fetch=False)

@@ -191,8 +191,13 @@ def test_cpu_moe_and_n_cpu_moe(aria):
     plan = plan_placement(aria, 24 * GIB, scheme="int4", cpu_moe=True)
     assert all(lp.where == HOST and lp.slots == 0 for lp in plan.layers)
     assert plan.stream_buffers == 0 and plan.experts_on_device_fraction == 0
+    # Host layers keep int4's CPU layout only (nothing of them is copied to the device): one row
+    # per expert, where a cached layer whose misses may run on the CPU keeps two.
+    assert plan.host_layout_copy_bytes == 0
+    assert plan.host_bytes == LAYERS * EXPERTS * plan.expert_bytes
     plan = plan_placement(aria, 24 * GIB, scheme="int4", n_cpu_moe=5)
     assert [lp.where for lp in plan.layers] == [HOST] * 5 + [DEVICE] * 23
+    assert plan.host_bytes == 5 * EXPERTS * plan.expert_bytes
     with pytest.raises(UsageError):
         plan_placement(aria, 24 * GIB, n_cpu_moe=29)
     with pytest.raises(UsageError):

@@ -107,9 +107,11 @@ def apply_offload(
         if lp.where == DEVICE:
             continue
         codec = codec_for(layers[lp.layer].mlp.experts)
-        store = HostStore(codec, device, host, pin=device.type == "cuda", host_compute=computes_on_host(lp.where, mode))
+        fetch = lp.where == CACHE  # a host layer never copies an expert to the device
+        store = HostStore(codec, device, host, pin=fetch and device.type == "cuda",
+                          host_compute=computes_on_host(lp.where, mode), fetch=fetch)
         codec.release_sources()
-        if store.layout.nbytes > plan.slot_bytes:
+        if fetch and store.layout.nbytes > plan.slot_bytes:
             raise PlacementError(
                 f"one expert of layer {lp.layer} takes {store.layout.nbytes} bytes on the device but the plan "
                 f"allows {plan.slot_bytes}; plan with the model's own precision and bfloat16 compute"

@@ -55,29 +55,41 @@ class PayloadLayout:
             view.copy_(tensors[name])
 
 
+def _packed_rows(codec: ExpertCodec, device: torch.device, pin: bool) -> tuple[PayloadLayout, Tensor]:
+    """Every expert's payload for `device`, one row each."""
+    first = codec.payload(0, device)
+    layout = PayloadLayout.of(first)
+    rows = host_buffer(layout.nbytes, codec.num_experts, pin)
+    for e in range(codec.num_experts):
+        layout.pack(first if e == 0 else codec.payload(e, device), rows[e])
+    return layout, rows
+
+
 class HostStore:
-    """One layer's experts: rows laid out for the device (copied to slots), and, when the host
-    kernels want another layout, a second set of rows for computing on the host."""
+    """One layer's experts in host memory: rows laid out for the device (`fetch`: copied into
+    slots and stream buffers) and rows the host computes on (`host_compute`). Where the two
+    layouts are the same one set of rows serves both; only a layer that does both with a scheme
+    whose CPU kernels want another layout (int4, nf4) holds two. A layer computed on the host
+    only (--cpu-moe) holds the host layout alone: nothing of it is ever copied to the device."""
 
     def __init__(self, codec: ExpertCodec, device: torch.device, host: torch.device, pin: bool,
-                 host_compute: bool = True):
+                 host_compute: bool = True, fetch: bool = True):
+        if not (fetch or host_compute):
+            raise ValueError("an expert store serves fetches, computing on the host, or both")
         n = codec.num_experts
-        first = codec.payload(0, device)
-        self.layout = PayloadLayout.of(first)
-        self.rows = host_buffer(self.layout.nbytes, n, pin)
-        for e in range(n):
-            self.layout.pack(first if e == 0 else codec.payload(e, device), self.rows[e])
+        self.layout: PayloadLayout | None = None
+        self.rows: Tensor | None = None
+        if fetch:
+            self.layout, self.rows = _packed_rows(codec, device, pin)
         self.host_layout, self.host_rows = self.layout, self.rows
-        if host_compute and codec.layout_key(host) != codec.layout_key(device):
-            first = codec.payload(0, host)
-            self.host_layout = PayloadLayout.of(first)
-            self.host_rows = host_buffer(self.host_layout.nbytes, n, pin=False)
-            for e in range(n):
-                self.host_layout.pack(first if e == 0 else codec.payload(e, host), self.host_rows[e])
+        if host_compute and (not fetch or codec.layout_key(host) != codec.layout_key(device)):
+            self.host_layout, self.host_rows = _packed_rows(codec, host, pin=False)
         self._host_views = [self.host_layout.views(self.host_rows[e]) for e in range(n)] if host_compute else []
 
     def row(self, expert: int) -> Tensor:
         """The bytes one copy moves to the device."""
+        if self.rows is None:
+            raise ValueError("this expert store holds no device rows (its layer computes on the host only)")
         return self.rows[expert]
 
     def host_payload(self, expert: int) -> dict[str, Tensor]:
@@ -85,7 +97,5 @@ class HostStore:
 
     @property
     def nbytes(self) -> int:
-        total = self.rows.numel()
-        if self.host_rows is not self.rows:
-            total += self.host_rows.numel()
-        return total
+        sets = {id(rows): rows for rows in (self.rows, self.host_rows) if rows is not None}
+        return sum(rows.numel() for rows in sets.values())
