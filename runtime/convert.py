@@ -35,6 +35,7 @@ from .quant_targets import (
 )
 from .quantized_model import QuantReport
 from .safetensors_io import default_permissions
+from .sizes import human_size
 
 # Files a model directory needs besides the weights; copied when present.
 SIDE_FILES = (
@@ -91,8 +92,8 @@ def quantize_checkpoint(
     free = shutil.disk_usage(out.parent).free
     if free < needed + _FREE_SPACE_MARGIN:
         raise AriaError(
-            f"{out.parent} has {free / 1e9:.1f} GB free but the {scheme.name} model needs "
-            f"{needed / 1e9:.1f} GB; free some space or choose another -o"
+            f"{out.parent} has {human_size(free)} free but the {scheme.name} model needs "
+            f"{human_size(needed)}; free some space or choose another -o"
         )
 
     report = QuantReport()

@@ -25,6 +25,7 @@ from .config import AriaConfig, TextConfig
 from .errors import PlacementError, UsageError
 from .kv_cache import KVCache
 from .quant_targets import QUANTIZED_FAMILIES
+from .sizes import human_size
 from .weight_bytes import WeightBytes, weight_bytes
 
 DEFAULT_CONTEXT = 8192
@@ -215,10 +216,6 @@ def scheme_label(scheme: Scheme | None, dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
 
 
-def gb(n: float) -> str:
-    return f"{n / 1e9:.1f} GB"
-
-
 def workspace_bytes(
     config: AriaConfig, context: int, dtype: torch.dtype, prefill_chunk: int, image_crops: int
 ) -> int:
@@ -311,8 +308,8 @@ def plan_placement(
         if need > room:
             fit = room // (slot * n_gpu)
             raise PlacementError(
-                f"--expert-slots {expert_slots} needs {gb(fixed + stream * slot + need)} at {label} with "
-                f"{context} tokens of context but the budget is {gb(budget)}; at most {fit} slots per "
+                f"--expert-slots {expert_slots} needs {human_size(fixed + stream * slot + need)} at {label} with "
+                f"{context} tokens of context but the budget is {human_size(budget)}; at most {fit} slots per "
                 "layer fit (or try --cpu-moe)"
             )
         per_layer = [expert_slots] * n_gpu
@@ -340,9 +337,9 @@ def _too_small_message(config, budget, context, scheme, dtype, label, weights, k
                        cpu_moe, prefill_chunk, image_crops) -> str:
     """One line: what the minimum is made of, and the nearest thing that would fit."""
     need = weights.dense + kv + work + stream
-    message = (f"Aria needs at least {gb(need)} of GPU memory at {label} with {context} tokens of context "
-               f"(weights {gb(weights.dense)}, KV cache {gb(kv)}, workspace {gb(work)}) but the budget is "
-               f"{gb(budget)}")
+    message = (f"Aria needs at least {human_size(need)} of GPU memory at {label} with {context} tokens of context "
+               f"(weights {human_size(weights.dense)}, KV cache {human_size(kv)}, workspace {human_size(work)}) but the budget is "
+               f"{human_size(budget)}")
     hints = []
     if n_gpu and not cpu_moe and need - stream <= budget:
         hints.append("try --cpu-moe")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from itertools import groupby
 
 from .errors import PlacementError
-from .placement import CACHE, DEVICE, HOST, LayerPlacement, Plan, gb
+from .placement import CACHE, DEVICE, HOST, LayerPlacement, Plan
+from .sizes import human_size
 
 PLAN_COLUMNS = ("part", "where", "size")
 SUMMARY_COLUMNS = ("GPU", "weights", "experts on GPU", "slots per layer", "GPU used", "CPU memory",
@@ -35,29 +36,29 @@ def plan_rows(plan: Plan) -> list[tuple[str, str, str]]:
     e = plan.num_experts
     rows = [
         (f"dense weights ({plan.scheme}: attention, shared experts, embeddings, vision)", "GPU",
-         gb(plan.dense_bytes)),
-        (f"KV cache ({plan.context} tokens)", "GPU", gb(plan.kv_bytes)),
+         human_size(plan.dense_bytes)),
+        (f"KV cache ({plan.context} tokens)", "GPU", human_size(plan.kv_bytes)),
         (f"workspace ({plan.prefill_chunk}-token prefill chunks, runtime reserve)", "GPU",
-         gb(plan.workspace_bytes)),
+         human_size(plan.workspace_bytes)),
     ]
     for where, slots, first, last in _layer_ranges(plan.layers):
         n = last - first + 1
         experts = f"routed experts, {_span(first, last)}"
         if where == DEVICE:
-            rows.append((f"{experts}: all {e} resident", "GPU", gb(n * e * plan.expert_bytes)))
+            rows.append((f"{experts}: all {e} resident", "GPU", human_size(n * e * plan.expert_bytes)))
         elif where == CACHE:
-            rows.append((f"{experts}: {slots} of {e} cached in slots", "GPU", gb(n * slots * plan.slot_bytes)))
+            rows.append((f"{experts}: {slots} of {e} cached in slots", "GPU", human_size(n * slots * plan.slot_bytes)))
             rows.append((f"{experts}: all {e}, misses {plan.miss_policy}", "CPU memory (pinned)",
-                         gb(n * e * plan.expert_bytes)))
+                         human_size(n * e * plan.expert_bytes)))
         elif where == HOST:
-            rows.append((f"{experts}: all {e}, computed on the CPU", "CPU memory", gb(n * e * plan.expert_bytes)))
+            rows.append((f"{experts}: all {e}, computed on the CPU", "CPU memory", human_size(n * e * plan.expert_bytes)))
     if plan.host_layout_copy_bytes:
         rows.append((f"cached routed experts, misses on the CPU: {plan.scheme}'s CPU layout, a second copy", "CPU memory",
-                      gb(plan.host_layout_copy_bytes)))
+                      human_size(plan.host_layout_copy_bytes)))
     if plan.stream_buffers:
-        rows.append((f"expert stream buffers ({plan.stream_buffers})", "GPU", gb(plan.stream_bytes)))
-    rows.append(("total", "GPU", f"{gb(plan.device_bytes)} of {gb(plan.budget)}"))
-    rows.append(("total", "CPU memory", gb(plan.host_bytes)))
+        rows.append((f"expert stream buffers ({plan.stream_buffers})", "GPU", human_size(plan.stream_bytes)))
+    rows.append(("total", "GPU", f"{human_size(plan.device_bytes)} of {human_size(plan.budget)}"))
+    rows.append(("total", "CPU memory", human_size(plan.host_bytes)))
     bw = plan.bandwidth
     rows.append((f"decode bound (GPU {bw.device:g}, PCIe {bw.pcie:g}, CPU {bw.cpu:g} GB/s)", "", _speed(plan)))
     return rows
@@ -85,6 +86,6 @@ def summary_rows(results: list[tuple[int, str, Plan | PlacementError]]) -> list[
             continue
         rows.append((
             f"{card} GiB", scheme, f"{100 * plan.experts_on_device_fraction:.0f}%", _slots_text(plan),
-            gb(plan.device_bytes), gb(plan.host_bytes), _speed(plan),
+            human_size(plan.device_bytes), human_size(plan.host_bytes), _speed(plan),
         ))
     return rows

@@ -234,3 +234,10 @@ def test_rows_and_json(aria):
     table = summary_rows(card_plans(aria, cards_gib=(8, 24), context=32768))
     assert len(table) == 6 and all(len(r) == len(SUMMARY_COLUMNS) for r in table)
     assert any(r[2] == "does not fit" for r in table)
+
+
+def test_sizes_print_in_the_unit_that_shows_them():
+    from runtime.sizes import human_size
+
+    assert human_size(14.9e9) == "14.9 GB" and human_size(0.6e9) == "0.6 GB" and human_size(0) == "0.0 GB"
+    assert human_size(6_600_000) == "6.6 MB" and human_size(2048) == "2.0 kB"
