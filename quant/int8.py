@@ -19,9 +19,6 @@ from torch import Tensor
 from .base import Kernel, PackedSpec, Scheme
 
 MIN_SCALE = torch.finfo(torch.float32).eps
-# Up to this many activation rows the CUDA gemv-style kernel reads the int8 weight once per
-# output; beyond it a dequantized GEMM on tensor cores wins.
-CUDA_GEMV_MAX_ROWS = 16
 CPU_KERNEL_ALIGNMENT = 64  # bytes; `_weight_int8pack_mm` needs 16, PyTorch allocates at 64
 
 
@@ -68,8 +65,12 @@ class Int8Scheme(Scheme):
     def _prepare_cuda(
         self, packed: dict[str, Tensor], dtype: torch.dtype
     ) -> tuple[dict[str, Tensor], Kernel]:
+        # Not aten._weight_int8pack_mm: on CUDA it is a reference kernel (one thread per output,
+        # each reading its own weight row, so a warp's loads are K bytes apart, in float32).
+        # The dequantize-and-GEMM form is gpt-fast's and torchao's int8 recipe: torch.compile
+        # fuses it into one kernel that reads the int8 codes; eager runs it on cuBLAS.
         tensors = {"qdata": packed["qdata"].contiguous(), "scale": packed["scale"].to(dtype)}
-        return tensors, _mm_cuda
+        return tensors, _dequantized_gemm
 
     def _cpu_gemm(self, x: Tensor, packed: dict[str, Tensor]) -> Tensor:
         return _dequantized_gemm(x, packed)
@@ -80,12 +81,6 @@ class Int8Scheme(Scheme):
 
 def _mm_cpu(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
     return torch.ops.aten._weight_int8pack_mm(x, tensors["qdata"], tensors["scale"])
-
-
-def _mm_cuda(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
-    if x.shape[0] <= CUDA_GEMV_MAX_ROWS:
-        return torch.ops.aten._weight_int8pack_mm(x, tensors["qdata"], tensors["scale"])
-    return _dequantized_gemm(x, tensors)
 
 
 def _dequantized_gemm(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
