@@ -66,12 +66,18 @@ def _memory(device: str, baseline: float) -> dict:
 
     out = {"peak_rss_mb": _peak_rss_mb(), "baseline_rss_mb": baseline}
     if device.startswith("cuda"):
-        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
 
 
 class Clock:
-    """Wall time on the CPU; CUDA events on a GPU (the host waits for each token either way).
+    """Seconds between marks, on the host's clock.
+
+    On a GPU too: the host reads every generated token (waiting for it), so between token marks
+    the host clock sees what the user sees. A CUDA event recorded after our first token would
+    also hold the decode step queued ahead of that read, charging it to the time to first token.
+    `mark(sync=True)` first waits for the device's queued work (the start, and the end of a bare
+    loop of products that reads nothing back).
 
     kind "thread": CPU time of the calling thread, with torch on one thread. On a machine shared
     with other work, wall time measures the neighbours; one thread's CPU time measures our work.
@@ -80,23 +86,20 @@ class Clock:
     def __init__(self, device: str, kind: str = "wall"):
         import torch
 
+        self.device = device
         self.cuda = device.startswith("cuda")
         self.torch = torch
         self.now = time.thread_time if kind == "thread" else time.perf_counter
         if kind == "thread":
             torch.set_num_threads(1)
 
-    def mark(self):
-        if self.cuda:
-            event = self.torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
+    def mark(self, sync: bool = False) -> float:
+        if sync and self.cuda:
+            self.torch.cuda.synchronize(self.device)
         return self.now()
 
-    def seconds(self, a, b) -> float:
-        if self.cuda:
-            b.synchronize()
-            return a.elapsed_time(b) / 1000
+    @staticmethod
+    def seconds(a: float, b: float) -> float:
         return b - a
 
 
@@ -142,7 +145,7 @@ def worker_ours(args) -> dict:
     runs = []
     for _ in range(args.repeats + 1):
         session.reset()
-        t0 = clock.mark()
+        t0 = clock.mark(sync=True)
         tokens = session.generate(ids, pixels.to(model.vision_dtype), mask, max_new_tokens=args.new_tokens)
         first = [next(tokens)]
         t1 = clock.mark()
@@ -203,10 +206,10 @@ def roofline(model, clock, repeats: int) -> dict:
     with torch.inference_mode():
         for _ in range(2 + 3 * repeats):
             for name, one_token in (("gemm", gemm_token), ("gemv", gemv_token)):
-                t0 = clock.mark()
+                t0 = clock.mark(sync=True)
                 for _ in range(8):
                     one_token()
-                t1 = clock.mark()
+                t1 = clock.mark(sync=True)
                 best[name] = min(best[name], clock.seconds(t0, t1) / 8)
     kind = min(best, key=best.get)
     return {"roofline_tps": 1 / best[kind], "active_mb": nbytes / 2**20, "roofline_gbps": nbytes / best[kind] / 1e9,
@@ -220,9 +223,10 @@ class _Stamps:
         self.clock, self.marks, self.tokens = clock, [], []
 
     def put(self, value):
+        ids = value.view(-1).tolist()  # on a GPU this waits for the token: it exists when marked
         self.marks.append(self.clock.mark())
         if len(self.marks) > 1:
-            self.tokens += value.view(-1).tolist()
+            self.tokens += ids
 
     def end(self):
         pass
@@ -246,7 +250,7 @@ def worker_reference(args) -> dict:
     runs = []
     for _ in range(args.repeats + 1):
         stamps = _Stamps(clock)
-        t0 = clock.mark()
+        t0 = clock.mark(sync=True)
         with torch.inference_mode():
             model.generate(input_ids=input_ids, pixel_values=pixels.to(dtype), pixel_mask=mask,
                            max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0, streamer=stamps)

@@ -1,4 +1,4 @@
-"""bench/generation_speed.py on a GPU: the same rows and ratios, timed with CUDA events.
+"""bench/generation_speed.py on a GPU: the same rows and ratios, the device synchronised at each start.
 
     python bench/generation_speed_gpu.py                       # mid-size, bf16, eager + compiled decode
     python bench/generation_speed_gpu.py --config demo --dtypes bfloat16 float32

@@ -53,6 +53,7 @@ class _TokenReader:
     """
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.host = torch.empty(1, dtype=torch.long, pin_memory=True)
@@ -63,7 +64,9 @@ class _TokenReader:
         self.token = token
         if self.cuda:
             self.host.copy_(token.view(1), non_blocking=True)
-            self.event.record()
+            # On the token's device's stream, where the copy runs: the current device may be
+            # another GPU (a model on cuda:1), whose stream knows nothing of this copy.
+            self.event.record(torch.cuda.current_stream(self.device))
 
     def result(self) -> int:
         if self.cuda:
@@ -199,8 +202,8 @@ def _compile_decode(model: AriaForConditionalGeneration, cache, backend: str):
     Not `fullgraph`: an expert store that needs the host (offload, quantized routed_sum) splits
     the graph there instead of failing; float experts trace whole (tests check it).
     """
-    # CUDA graphs only where the float expert dispatch never syncs (grouped_mm: bf16, SM80+); an
-    # fp32 model on CUDA reads its expert counts on the host, which a graph capture cannot hold.
+    # CUDA graphs only where the float expert dispatch never syncs (grouped_mm: bf16 on SM90/SM100);
+    # elsewhere it reads the expert counts on the host, which a graph capture cannot hold.
     probe = torch.empty(0, dtype=model.dtype, device=model.device)
     graphs = model.device.type == "cuda" and backend == "inductor" and grouped_mm_supported(probe)
     if graphs:  # the cache must sit at fixed addresses; it is updated in place

@@ -15,7 +15,8 @@ Float experts dispatch in `float_routed_sum`:
   gate/up products through one SwiGLU (`one_token_routed_sum`; quantized experts do the same);
 - elsewhere `grouped_routed_sum`: the same sort with the group boundaries kept on the device and
   one F.grouped_mm per projection, so no step waits for the host (GPU decode and any prefill);
-- where grouped_mm does not run (CUDA below bf16/SM80): routed_sum.
+- where F.grouped_mm would wait for the host anyway (CUDA without PyTorch's grouped kernel:
+  anything but bf16 on SM90/SM100): routed_sum, which reads the counts once per layer.
 """
 
 from __future__ import annotations
@@ -121,12 +122,23 @@ def _one_token_routed_sum(x, top_idx, top_w, run_expert, expert_order) -> torch.
 
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:
-    """Can F.grouped_mm run the experts for activations like `x`? (CPU: any float; CUDA: bf16, SM80+.)"""
+    """Can F.grouped_mm run the experts for activations like `x` with no wait for the host?
+
+    CPU: any float (the host is the device). CUDA: bf16 on a GPU with PyTorch's grouped kernel;
+    elsewhere (A100, RTX 30/40, L4, ...) F.grouped_mm falls back to one matmul per group after
+    copying the group offsets to the host, a sync per call, which no CUDA graph can hold.
+    """
     if not hasattr(F, "grouped_mm"):
         return False
     if x.device.type == "cpu":
         return True
-    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 8
+    return (x.device.type == "cuda" and x.dtype == torch.bfloat16
+            and has_grouped_mm_kernel(torch.cuda.get_device_capability(x.device)))
+
+
+def has_grouped_mm_kernel(capability: tuple[int, int]) -> bool:
+    """PyTorch's sync-free bf16 grouped GEMM is built for SM90 and SM100 only (GroupedBlas.cpp)."""
+    return capability[0] in (9, 10)
 
 
 def grouped_routed_sum(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor, fc1: torch.Tensor,

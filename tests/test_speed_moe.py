@@ -136,3 +136,14 @@ def test_one_tokens_expert_outputs_are_summed_with_one_rounding(dtype):
     exact = w.double() @ rows.double()
     assert got.dtype == dtype and got.shape == (1, 1024)
     torch.testing.assert_close(got.double(), exact.to(dtype).double(), atol=1e-6, rtol=2**-8)
+
+
+def test_gpus_without_a_sync_free_grouped_gemm_take_the_host_read_dispatch():
+    """F.grouped_mm copies its group offsets to the host on every GPU but SM90/SM100 (PyTorch's
+    GroupedBlas.cpp falls back to a loop there), so neither decode pipelining nor a CUDA graph
+    could rely on it: the consumer and Ampere cards most users have read the counts once instead."""
+    from runtime.moe import grouped_mm_supported, has_grouped_mm_kernel
+
+    assert [has_grouped_mm_kernel(c) for c in [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)]] == [
+        False, False, False, True, True, False]
+    assert grouped_mm_supported(torch.zeros(1, 4))  # the CPU is its own host
