@@ -199,8 +199,9 @@ class Session:
 def _compile_decode(model: AriaForConditionalGeneration, cache, backend: str):
     """decode_logits as a static-shape graph: positions on the device, the whole cache attended.
 
-    Not `fullgraph`: an expert store that needs the host (offload, quantized routed_sum) splits
-    the graph there instead of failing; float experts trace whole (tests check it).
+    Not `fullgraph`: an expert store that reads the expert ids on the host (offload, quantized
+    experts) is left out of the trace and runs eagerly between the graphs before and after it,
+    the same graphs for every token; float experts trace whole (tests check both).
     """
     # CUDA graphs only where the float expert dispatch never syncs (grouped_mm: bf16 on SM90/SM100);
     # elsewhere it reads the expert counts on the host, which a graph capture cannot hold.

@@ -50,6 +50,10 @@ class QuantizedRoutedExperts(nn.Module):
         mm = self.scheme.matmul
         return mm(swiglu(mm(x, self.fc1[expert])), self.fc2[expert])
 
+    # Not traced by torch.compile: the dispatch reads the expert ids on the host, and a traced
+    # read would specialise the graph on them (a recompile per expert set). Compiled decode runs
+    # it eagerly between the graphs before and after it.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1 and x.device.type == "cpu":
             mm = self.scheme.matmul

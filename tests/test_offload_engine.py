@@ -249,3 +249,26 @@ def test_one_store_row_serves_device_and_host_only_where_the_layouts_match(name,
         for_cuda, _ = scheme._prepare_cuda(packed, torch.bfloat16)
         assert on_cpu.keys() == for_cuda.keys()
         assert all(torch.equal(on_cpu[k], for_cuda[k]) and on_cpu[k].dtype == for_cuda[k].dtype for k in on_cpu)
+
+
+@pytest.mark.parametrize("store", ["int8 resident", "float offloaded", "int8 offloaded"])
+def test_compiled_decode_compiles_once_whatever_experts_are_chosen(base, config, store):
+    """Expert stores that read the expert ids on the host run eagerly between the compiled graphs.
+    A traced read would specialise the graphs on the ids and compile again for every new expert
+    set; here later tokens compile nothing, and the tokens are the eager ones."""
+    from torch._dynamo.utils import counters
+
+    scheme = get_scheme("int8") if store.startswith("int8") else None
+    model = _quantized(base, scheme) if scheme else copy.deepcopy(base)
+    if store.endswith("offloaded"):
+        plan = plan_placement(config, BIG, context=64, scheme=scheme, dtype=torch.float32, expert_slots=3)
+        apply_offload(model, plan, "cpu", "cpu", miss_policy="fetch")
+    eager = generate(model)[0]
+    torch._dynamo.reset()
+    counters.clear()
+    session = Session(model, 64, compile="eager")
+    list(session.generate(PROMPT, max_new_tokens=3))
+    graphs = counters["stats"]["unique_graphs"]
+    session.reset()
+    assert list(session.generate(PROMPT, max_new_tokens=NEW_TOKENS)) == eager
+    assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs

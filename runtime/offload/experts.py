@@ -90,6 +90,10 @@ class OffloadedExperts(nn.Module):
 
     # ----- the step ---------------------------------------------------------------------------
 
+    # Not traced by torch.compile: serving reads the expert counts on the host, and a traced read
+    # would specialise the graph on them (a recompile per expert set). Compiled decode runs it
+    # eagerly between the graphs before and after it.
+    @torch.compiler.disable
     def forward(self, x: Tensor, top_idx: Tensor, top_w: Tensor) -> Tensor:
         ctx = self.ctx
         n = x.shape[0]
