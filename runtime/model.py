@@ -39,8 +39,10 @@ class AriaForConditionalGeneration(nn.Module):
 
     def image_features(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
         """Crops [N, 3, S, S] + masks [N, S, S] -> text-space features [N, Q, H]."""
-        patch_mask = patch_mask_from_pixel_mask(pixel_mask.bool(), self.config.vision.patch_size)
-        features = self.vision_tower(pixel_values.to(self.vision_dtype), patch_mask)
+        # Preprocessing makes host tensors; the tower may sit on a GPU.
+        device = self.vision_tower.embeddings.patch_embedding.weight.device
+        patch_mask = patch_mask_from_pixel_mask(pixel_mask.to(device).bool(), self.config.vision.patch_size)
+        features = self.vision_tower(pixel_values.to(device, self.vision_dtype), patch_mask)
         return self.multi_modal_projector(features, patch_mask)
 
     @property

@@ -212,3 +212,13 @@ def test_long_prompt_attention_never_sees_more_than_a_chunk_of_queries(model, mo
         assert queries <= 64
         assert mask is None or mask == (queries, keys)
     assert {keys for _, keys, _ in seen} == {64, 128, 192, 256, 300}
+
+
+def test_host_pictures_follow_the_vision_tower_to_its_device():
+    """Preprocessing makes host tensors; on a GPU the tower's weights are elsewhere. The meta
+    device stands in for the GPU here: computing on it needs every input moved there."""
+    model = build_model(tiny_config(), device="meta")
+    _, pixels, mask = image_prompt(model)
+    features = model.image_features(pixels, mask)
+    assert features.device.type == "meta"
+    assert features.shape == (1, model.config.tokens_per_crop(980), model.config.text.hidden_size)

@@ -196,3 +196,20 @@ def test_host_store_keeps_one_set_of_rows_per_layout_it_serves(fetch, host_compu
             assert torch.equal(store.host_payload(e)["fc2"], fc2[e])
     with pytest.raises(ValueError):
         HostStore(codec, torch.device("cuda"), torch.device("cpu"), pin=False, host_compute=False, fetch=False)
+
+
+def test_pinned_stores_are_allocated_at_their_exact_size(monkeypatch):
+    """PyTorch pins a power of two per allocation unless told otherwise (1.5 GB of experts would
+    pin 2 GB): the first pinned store sets the threshold, unless the user chose one."""
+    from runtime import device
+
+    real_set = torch._C._accelerator_setAllocatorSettings
+    settings = {"now": ""}
+    monkeypatch.setattr(torch._C, "_accelerator_getAllocatorSettings", lambda: settings["now"])
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", lambda s: settings.update(now=s))
+    device.pin_exact_sizes()
+    assert settings["now"] == f"pinned_max_round_threshold_mb:{device.EXACT_PINNED_ABOVE_MB}"
+    settings["now"] = "expandable_segments:True,pinned_max_round_threshold_mb:8"  # PYTORCH_ALLOC_CONF
+    device.pin_exact_sizes()
+    assert settings["now"] == "expandable_segments:True,pinned_max_round_threshold_mb:8"
+    real_set(f"pinned_max_round_threshold_mb:{device.EXACT_PINNED_ABOVE_MB}")  # PyTorch takes the key
