@@ -39,12 +39,13 @@ class QuantizedRoutedExperts(nn.Module):
         super().__init__()
         self.scheme = scheme
         self.dtype = dtype
-        # The packed form stays referenced (for a quantized checkpoint: mmap views) so the offload
-        # engine can prepare experts for another device; prepared layouts differ per device.
-        self._packed = (fc1, fc2)
+        # The packed form (for a quantized checkpoint: mmap views) is what the offload engine and
+        # a move to another device prepare from; see keeps_packed for when it is let go.
+        self._packed: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = (fc1, fc2)
         self.num_experts = scheme.weight_shape(fc1)[0]
-        self.fc1: list[Prepared] = [scheme.prepare(slice_packed(fc1, e), device, dtype) for e in range(self.num_experts)]
-        self.fc2: list[Prepared] = [scheme.prepare(slice_packed(fc2, e), device, dtype) for e in range(self.num_experts)]
+        self.fc1: list[Prepared] = []
+        self.fc2: list[Prepared] = []
+        self.prepare_for(device)
 
     def run_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         mm = self.scheme.matmul
@@ -62,16 +63,18 @@ class QuantizedRoutedExperts(nn.Module):
         return routed_sum(x, top_idx, top_w, self.num_experts, self.run_expert)
 
     def prepare_for(self, device: torch.device | str) -> None:
-        """Prepare every expert again for `device` (kernel layouts differ per device type)."""
-        fc1, fc2 = self._packed
+        """Prepare every expert for `device` (kernel layouts differ per device type)."""
+        fc1, fc2 = _still_packed(self._packed)
         self.fc1 = [self.scheme.prepare(slice_packed(fc1, e), device, self.dtype) for e in range(self.num_experts)]
         self.fc2 = [self.scheme.prepare(slice_packed(fc2, e), device, self.dtype) for e in range(self.num_experts)]
+        if not keeps_packed(device):
+            self._packed = None
 
     def expert_codec(self):
         """How the offload engine moves and runs these experts (runtime.offload.codec)."""
         from .offload.codec import QuantizedExpertCodec  # offload builds on this module
 
-        return QuantizedExpertCodec(self.scheme, *self._packed, self.dtype)
+        return QuantizedExpertCodec(self.scheme, *_still_packed(self._packed), self.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -79,6 +82,24 @@ class QuantizedRoutedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, scheme={self.scheme!r}"
+
+
+def keeps_packed(device: torch.device | str) -> bool:
+    """Whether a quantized module prepared for `device` keeps its packed form in host memory.
+
+    On the CPU, yes: its kernels' large-batch path reads it (Prepared.plain) and the offload
+    engine builds its expert store from it. On a GPU, no: quantized while loading, the packed
+    form is the whole quantized model in host RAM (13 GB for int4 Aria) that nothing reads once
+    the device holds its own layout. Such a model is placed once; to move it, load it again.
+    """
+    return torch.device(device).type == "cpu"
+
+
+def _still_packed(packed):
+    if packed is None:
+        raise ValueError("this quantized model was prepared for a GPU and let its host copy go; load it again "
+                         "to place it elsewhere")
+    return packed
 
 
 @dataclass
@@ -173,7 +194,7 @@ def install_packed(
             new = QuantizedRoutedExperts(scheme, packed[names[0]], packed[names[1]], device, dtype)
         else:
             new = QuantizedLinear.from_packed(packed[names[0]], scheme, device, dtype=dtype)
-            new.packed = packed[names[0]]  # kept to prepare again for another device (move_model)
+            new.packed = packed[names[0]] if keeps_packed(device) else None  # what move_model prepares from
         for n in names:
             report.add(n, before[n], sum(_nbytes(t) for t in packed[n].values()), True)
         setattr(parent, attr, new)
@@ -187,7 +208,8 @@ def move_model(model: nn.Module, device: torch.device | str) -> nn.Module:
     """`model.to(device)` that also moves quantized modules.
 
     Their prepared weights are kernel layouts tied to one device type (int4's CPU and CUDA
-    packings differ), so `.to()` cannot move them: they are prepared again from the packed form.
+    packings differ), so `.to()` cannot move them: they are prepared again from the packed form,
+    which a module placed on a GPU then lets go (keeps_packed).
     """
     device = torch.device(device)
     for module in list(model.modules()):
@@ -195,7 +217,8 @@ def move_model(model: nn.Module, device: torch.device | str) -> nn.Module:
             if isinstance(child, QuantizedRoutedExperts) and child.fc1 and child.fc1[0].device != device:
                 child.prepare_for(device)
             elif isinstance(child, QuantizedLinear) and child.prepared.device != device:
-                moved = QuantizedLinear.from_packed(child.packed, child.scheme, device, dtype=child.prepared.dtype)
-                moved.packed = child.packed
+                packed = _still_packed(child.packed)
+                moved = QuantizedLinear.from_packed(packed, child.scheme, device, dtype=child.prepared.dtype)
+                moved.packed = packed if keeps_packed(device) else None
                 setattr(module, attr, moved)
     return model.to(device)

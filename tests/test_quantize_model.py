@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -240,9 +242,13 @@ def test_moving_a_quantized_model_prepares_its_kernels_again_for_the_device(sour
     original = Scheme.prepare
 
     def recording_prepare(self, packed, device=None, dtype=torch.bfloat16):
-        asked.append(torch.device(device).type)
-        return original(self, packed, "cpu", dtype)
+        asked.append(torch.device(device).type)  # copies, as a move to another device makes:
+        return original(self, {k: t.clone() for k, t in packed.items()}, "cpu", dtype)
 
+    # Quantized while loading, the packed form is anonymous host memory: once the modules hold
+    # the device's own layout, none of it may stay referenced.
+    experts_module = model.language_model.model.layers[0].mlp.experts
+    packed_codes = weakref.ref(experts_module._packed[0]["qdata"])
     monkeypatch.setattr(Scheme, "prepare", recording_prepare)
     move_model(model, "meta")
     layers = CONFIG.text.num_hidden_layers
@@ -251,3 +257,8 @@ def test_moving_a_quantized_model_prepares_its_kernels_again_for_the_device(sour
     assert asked == ["meta"] * (linears + experts)
     assert all(p.device.type == "meta" for p in model.parameters())
     assert sum(isinstance(m, QuantizedRoutedExperts) for m in model.modules()) == layers
+    del experts_module
+    gc.collect()
+    assert packed_codes() is None
+    with pytest.raises(ValueError, match="load it again"):  # (the fake prepared for the CPU)
+        move_model(model, "meta")
