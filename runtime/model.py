@@ -87,7 +87,8 @@ class AriaForConditionalGeneration(nn.Module):
         Returns [B, T, V] with `all_logits`, else only the last position's [B, V]: the vocabulary
         projection of every prompt token is the single largest waste in a prefill.
         """
-        hidden = self.language_model.model(self.embed(input_ids, pixel_values, pixel_mask), cache, start)
+        embeds = self.embed(input_ids, pixel_values, pixel_mask)
+        hidden = self.language_model.model(embeds, cache, start, last_only=not all_logits)
         if not all_logits:
             hidden = hidden[:, -1]
         return self.language_model.lm_head(hidden).float()

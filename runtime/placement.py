@@ -226,7 +226,8 @@ def workspace_bytes(
     weighted output (2 x hidden + 3 x expert width); the shared expert's gate, up and product;
     router logits (fp32) and the dispatch's sort indices (int64). Plus the causal mask
     (chunk x context bools) and the last position's logits. Vision, per crop and patch: about
-    eight hidden-wide tensors and two MLP-wide ones. The two phases do not overlap.
+    eight hidden-wide tensors and two MLP-wide ones. The two phases do not overlap; through both
+    the whole prompt's embeddings are held (context x hidden).
     """
     t: TextConfig = config.text
     v = config.vision
@@ -238,7 +239,8 @@ def workspace_bytes(
     text = chunk * per_token + chunk * context + t.vocab_size * (e + 4)
     patches = (v.image_size // v.patch_size) ** 2
     vision = image_crops * patches * e * (8 * v.hidden_size + 2 * v.intermediate_size)
-    return max(text, vision) + RUNTIME_RESERVE
+    prompt = context * t.hidden_size * e
+    return max(text, vision) + prompt + RUNTIME_RESERVE
 
 
 def _round_up(n: int, multiple: int) -> int:

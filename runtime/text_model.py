@@ -159,22 +159,29 @@ class TextModel(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.prefill_chunk = 1024  # tokens per prefill step (see forward)
 
-    def forward(self, embeds: torch.Tensor, cache: KVCache | None, start: int | torch.Tensor) -> torch.Tensor:
-        """Hidden states of tokens at positions start.. (an int, or a device tensor [1] for static shapes).
+    def forward(self, embeds: torch.Tensor, cache: KVCache | None, start: int | torch.Tensor,
+                last_only: bool = False) -> torch.Tensor:
+        """Hidden states of tokens at positions start.. (an int, or a device tensor [1] for static shapes);
+        with `last_only`, of the last token only ([B, 1, H]).
 
         With a cache, a long prompt runs in chunks of `prefill_chunk` tokens, so no step holds a
-        T x T attention mask or T x k expert activations: a 64K prompt costs 64K x chunk at most.
+        T x T attention mask or T x k expert activations: a 64K prompt costs 64K x chunk at most,
+        and with `last_only` no chunk's output outlives the next chunk.
         """
         t = embeds.shape[1]
         if isinstance(start, torch.Tensor):
-            return self._run(embeds, cache, start + torch.arange(t, device=embeds.device))
-        if cache is None:
-            return self._run(embeds, None, 0)
-        cache.check_room(start, t)
-        if t <= self.prefill_chunk:
-            return self._run(embeds, cache, start)
-        step = self.prefill_chunk
-        return torch.cat([self._run(embeds[:, a : a + step], cache, start + a) for a in range(0, t, step)], dim=1)
+            out = self._run(embeds, cache, start + torch.arange(t, device=embeds.device))
+        elif cache is None:
+            out = self._run(embeds, None, 0)
+        else:
+            cache.check_room(start, t)
+            step = self.prefill_chunk
+            outs = []
+            for a in range(0, t, step):
+                chunk = self._run(embeds[:, a : a + step], cache, start + a)
+                outs = [chunk[:, -1:]] if last_only else [*outs, chunk]
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return out[:, -1:] if last_only else out
 
     def _run(self, x: torch.Tensor, cache: KVCache | None, where: int | torch.Tensor) -> torch.Tensor:
         t = x.shape[1]

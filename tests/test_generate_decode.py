@@ -59,9 +59,12 @@ def test_chunked_prefill_equals_one_pass(model, chunk):
         text.prefill_chunk = chunk  # chunk 7 and 16 split the run of image tokens
         try:
             chunked = model(ids_t, chunked_cache, 0, pixels, mask, all_logits=True)
+            # A prompt's own prefill keeps only each chunk's last position: the same last logits.
+            last = model(ids_t, model.new_cache(len(ids)), 0, pixels, mask)
         finally:
             text.prefill_chunk = 1024
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
+    torch.testing.assert_close(last, whole[:, -1], atol=1e-5, rtol=0)
     for layer in range(model.config.text.num_hidden_layers):
         torch.testing.assert_close(chunked_cache.keys[layer], whole_cache.keys[layer], atol=1e-5, rtol=0)
         torch.testing.assert_close(chunked_cache.values[layer], whole_cache.values[layer], atol=1e-5, rtol=0)
