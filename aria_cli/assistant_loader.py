@@ -16,7 +16,7 @@ import torch
 from runtime.assistant import Assistant, GenerationOptions
 from runtime.config import AriaConfig, load_config
 from runtime.errors import AriaError, UsageError
-from runtime.placement import Plan, plan_placement
+from runtime.placement import Plan, plan_placement, resolve_scheme
 from runtime.plan_table import plan_rows
 from runtime.quant_targets import families_to_load
 from runtime.sampling import SamplingParams
@@ -37,6 +37,7 @@ def open_assistant(opts: RunOptions) -> Assistant:
     dtype = pick_dtype(opts.dtype, device)
     context = context_length(opts.max_context, config)
     check_offload_flags(opts, config)
+    check_scheme_runs(checkpoint_scheme(config, opts.quant), device, dtype)
     console.detail(f"model: {opts.model} ({model_dir})")
     console.detail(f"device: {device}, dtype: {_dtype_name(dtype) or 'as stored'}, context: {context} tokens")
     plan = plan_for(opts, config, device, dtype, context)
@@ -70,12 +71,27 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The compute dtype; None keeps the checkpoint's own (`auto` on the CPU)."""
+    """The compute dtype; None keeps the checkpoint's own (`auto` on the CPU).
+
+    On a GPU: bfloat16 where the chosen GPU computes it natively (Ampere, compute capability 8.0,
+    and newer), else float16. (torch.cuda.is_bf16_supported asks the current GPU, not the chosen
+    one, and counts emulated bfloat16 as supported.)
+    """
     if name != "auto":
         return _DTYPES[name]
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
+def check_scheme_runs(scheme: str | None, device: torch.device, dtype: torch.dtype | None) -> None:
+    """Refuse, before loading, a quantization whose kernels cannot run here (int4 on CUDA needs
+    an Ampere or newer GPU computing in bfloat16)."""
+    resolved = resolve_scheme(scheme)
+    problem = resolved.device_problem(device, dtype) if resolved is not None and dtype is not None else None
+    if problem:
+        raise UsageError(f"{problem}; use --quant int8 or nf4 (a model stored in int4: quantize the original "
+                         "with --scheme int8 or nf4), or --dtype bfloat16 on an Ampere or newer GPU")
 
 
 def context_length(asked: int, config: AriaConfig) -> int:
@@ -119,9 +135,14 @@ def plan_for(opts: RunOptions, config: AriaConfig, device: torch.device, dtype: 
         return None
     from runtime.device import free_memory
 
-    budget = opts.gpu_memory or free_memory(device)
-    if budget is None:  # cannot happen on CUDA, but never plan against an unknown budget
+    free = free_memory(device)
+    if free is None:  # cannot happen on CUDA, but never plan against an unknown budget
         return None
+    budget = opts.gpu_memory or free
+    if budget > free:  # the CUDA context and other processes already hold the difference
+        console.warn(f"--gpu-memory {format_size(budget)} is more than the {format_size(free)} free on {device}; "
+                     f"planning for {format_size(free)}")
+        budget = free
     assert dtype is not None  # pick_dtype always chooses one on CUDA
     plan = plan_placement(config, budget, context=context, scheme=checkpoint_scheme(config, opts.quant),
                           dtype=dtype, cpu_moe=opts.cpu_moe, n_cpu_moe=opts.n_cpu_moe,

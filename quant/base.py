@@ -99,6 +99,10 @@ class Scheme(ABC):
     ) -> tuple[dict[str, Tensor], Kernel]:
         """``packed`` is already on the target CUDA device."""
 
+    def device_problem(self, device: torch.device | str, dtype: torch.dtype) -> str | None:
+        """Why this scheme's kernels cannot run on `device` computing in `dtype`, or None."""
+        return None
+
     @abstractmethod
     def _cpu_gemm(self, x: Tensor, packed: dict[str, Tensor]) -> Tensor:
         """x @ W.T for a large CPU batch x (in the compute dtype) from the stored 2-D form."""

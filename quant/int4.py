@@ -95,13 +95,24 @@ class Int4Scheme(Scheme):
     def _cpu_gemm(self, x: Tensor, packed: dict[str, Tensor]) -> Tensor:
         return F.linear(x, _dequantize_rows(packed, self.group_size, x.dtype))
 
+    def device_problem(self, device: torch.device | str, dtype: torch.dtype) -> str | None:
+        device = torch.device(device)
+        if device.type != "cuda":
+            return None
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 0):
+            return (f"int4's CUDA kernel needs an Ampere or newer GPU (compute capability 8.0+); "
+                    f"{device} is {capability[0]}.{capability[1]}")
+        if dtype != torch.bfloat16:
+            return f"int4's CUDA kernel computes in bfloat16, not {str(dtype).removeprefix('torch.')}"
+        return None
+
     def _prepare_cuda(
         self, packed: dict[str, Tensor], dtype: torch.dtype
     ) -> tuple[dict[str, Tensor], Kernel]:
-        if dtype != torch.bfloat16:
-            raise ValueError("the CUDA int4 kernel computes in bfloat16; prepare with dtype=torch.bfloat16")
-        if torch.cuda.get_device_capability(packed["qdata"].device) < (8, 0):
-            raise ValueError("the CUDA int4 kernel needs an Ampere or newer GPU (compute capability 8.0+)")
+        problem = self.device_problem(packed["qdata"].device, dtype)
+        if problem:
+            raise ValueError(problem)
         in_features = packed["qdata"].shape[-1] * 2
         # Largest tile count the kernel accepts for this width (in_features % (16 * tiles) == 0).
         inner_k_tiles = next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
