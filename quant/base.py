@@ -62,6 +62,9 @@ class Scheme(ABC):
     # True when prepare gives the same tensors (bytes) for the CPU and for CUDA and only the
     # kernel differs: one copy of a prepared weight then serves both (the offload store's rows).
     same_layout_on_every_device: bool = False
+    # True when the CUDA product dequantizes the whole weight into the compute dtype first (for
+    # some or all batch sizes): the planner reserves the largest such matrix.
+    cuda_dequantizes: bool = False
 
     # ----- what subclasses provide -------------------------------------------------------------
 

@@ -27,6 +27,7 @@ class Int8Scheme(Scheme):
     suffixes = ("qdata", "scale")
     cpu_gemm_min_rows = 16  # crossover between 8 and 16 rows on 2 cores for Aria's expert shapes
     same_layout_on_every_device = True  # codes as stored, scales in the compute dtype
+    cuda_dequantizes = True  # always (see _prepare_cuda)
 
     def metadata(self) -> dict[str, int | str]:
         return {"scheme": self.name}

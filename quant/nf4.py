@@ -41,6 +41,7 @@ class Nf4Scheme(Scheme):
     # Dequantizing is cheap here (bitsandbytes' C++ dequantize, ~1 ms for an expert): crossover
     # between 16 and 32 rows on 2 cores for Aria's expert shapes.
     cpu_gemm_min_rows = 24
+    cuda_dequantizes = True  # for more than one row (see _mm_cuda)
     block_size = BLOCK_SIZE
 
     def __init__(self, block_size: int = BLOCK_SIZE):

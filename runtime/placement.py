@@ -284,7 +284,7 @@ def plan_placement(
     label = scheme_label(scheme, dtype)
     weights = weight_bytes(config, scheme, dtype, quantized)
     kv = KVCache.bytes_needed(t, context, dtype)
-    work = workspace_bytes(config, context, dtype, prefill_chunk, image_crops)
+    work = workspace_bytes(config, context, dtype, prefill_chunk, image_crops) + weights.dequant_scratch
     slot = _round_up(weights.expert, SLOT_ALIGN) + SLOT_ALIGN * MAX_PAYLOAD_TENSORS
     n_host = n_layers if cpu_moe else n_cpu_moe
     n_gpu = n_layers - n_host
@@ -363,7 +363,8 @@ def _largest_context(config, budget, scheme, dtype, weights, stream, prefill_chu
     best, n = 0, 1024
     while n < context:
         kv = KVCache.bytes_needed(config.text, n, dtype)
-        if weights.dense + kv + workspace_bytes(config, n, dtype, prefill_chunk, image_crops) + stream > budget:
+        work = workspace_bytes(config, n, dtype, prefill_chunk, image_crops) + weights.dequant_scratch
+        if weights.dense + kv + work + stream > budget:
             break
         best, n = n, n + 1024
     return best

@@ -45,6 +45,9 @@ class WeightBytes:
     num_layers: int
     num_experts: int
     vocab_size: int
+    # A scheme whose CUDA product dequantizes the whole weight first (int8 always, nf4 for more
+    # than one row) holds its largest quantized matrix in the compute dtype for a moment.
+    dequant_scratch: int = 0
 
     @property
     def total(self) -> int:
@@ -86,13 +89,17 @@ def weight_bytes(config: AriaConfig, scheme: Scheme | None = None, dtype: torch.
     families `scheme` packs."""
     families = dict.fromkeys(FAMILIES, 0)
     expert_shapes = []
+    largest_quantized = 0  # elements of one quantized matrix
     for name, shape in parameter_shapes(config):
         families[family_of(name)] += tensor_bytes(name, shape, scheme, dtype, quantized)
         if family_of(name) == ROUTED and ".layers.0." in name:
             expert_shapes.append((name, (1, *shape[1:])))  # fc1 and fc2 of a single expert
+        if scheme is not None and is_quantized(name, quantized):
+            largest_quantized = max(largest_quantized, math.prod(stored_shape(name, shape)[-2:]))
     expert = sum(tensor_bytes(name, shape, scheme, dtype, quantized) for name, shape in expert_shapes)
     t = config.text
-    result = WeightBytes(families, expert, t.num_hidden_layers, t.moe_num_experts, t.vocab_size)
+    scratch = largest_quantized * dtype.itemsize if scheme is not None and scheme.cuda_dequantizes else 0
+    result = WeightBytes(families, expert, t.num_hidden_layers, t.moe_num_experts, t.vocab_size, scratch)
     if result.routed != expert * t.num_hidden_layers * t.moe_num_experts:
         raise RuntimeError("routed expert bytes are not a whole number of experts; the scheme's sizes are inconsistent")
     return result

@@ -241,3 +241,20 @@ def test_sizes_print_in_the_unit_that_shows_them():
 
     assert human_size(14.9e9) == "14.9 GB" and human_size(0.6e9) == "0.6 GB" and human_size(0) == "0.0 GB"
     assert human_size(6_600_000) == "6.6 MB" and human_size(2048) == "2.0 kB"
+
+
+def test_schemes_whose_cuda_product_dequantizes_reserve_their_largest_matrix(aria):
+    """int8 on CUDA (and nf4 past one row) dequantizes a whole weight into bf16 before its GEMM:
+    the workspace holds the largest quantized matrix, the lm_head when it is quantized too."""
+    t = aria.text
+    fc1 = 2 * t.moe_intermediate_size * t.hidden_size  # the largest of the default families
+    assert weight_bytes(aria, get_scheme("int8"), torch.bfloat16).dequant_scratch == fc1 * 2
+    assert weight_bytes(aria, get_scheme("nf4"), torch.bfloat16).dequant_scratch == fc1 * 2
+    with_head = quantized_families(lm_head=True)
+    assert weight_bytes(aria, get_scheme("int8"), torch.bfloat16, with_head).dequant_scratch == (
+        t.vocab_size * t.hidden_size * 2)
+    assert weight_bytes(aria, get_scheme("int4"), torch.bfloat16).dequant_scratch == 0
+    assert weight_bytes(aria, None, torch.bfloat16).dequant_scratch == 0
+    int8 = plan_placement(aria, 80 * GIB, context=8192, scheme="int8")
+    int4 = plan_placement(aria, 80 * GIB, context=8192, scheme="int4")
+    assert int8.workspace_bytes - int4.workspace_bytes == fc1 * 2
