@@ -160,7 +160,7 @@ class Assistant:
         started = time.perf_counter()
         offloaded = plan is not None and plan.offloaded
         model, _ = load_model_with_report(model_dir, dtype=dtype, device="cpu" if offloaded else device, quant=quant,
-                                          quant_lm_head=quant_lm_head)
+                                          quant_lm_head=quant_lm_head, staged=offloaded)
         engine = apply_offload(model, plan, device) if offloaded else None
         tokenizer = Tokenizer.from_dir(model_dir, model.config)
         return cls(model, tokenizer, name or str(model_dir), time.perf_counter() - started, offload=engine, **options)

@@ -50,7 +50,11 @@ def load_model_with_report(
     device: str | torch.device = "cpu",
     quant: str | None = None,
     quant_lm_head: bool = False,
+    staged: bool = False,
 ) -> tuple[AriaForConditionalGeneration, QuantReport | None]:
+    """load_model, with the quantization report. `staged`: the weights are loaded into host
+    memory for runtime.offload.apply_offload to place, so layouts only the CPU's kernels want
+    (bf16 experts re-laid for gemv, quantized experts prepared for the CPU) are not made."""
     config = load_config(path)
     model = build_model(config)  # meta: no memory until the checkpoint's tensors are assigned
     report = None
@@ -59,14 +63,17 @@ def load_model_with_report(
             raise UsageError(
                 f"{path} is already quantized ({config.quantization.get('scheme')}); drop --quant {quant}"
             )
-        report = _load_quantized(model, config, path, dtype, device, families_to_load(config.quantization, quant_lm_head))
+        families = families_to_load(config.quantization, quant_lm_head)
+        report = _load_quantized(model, config, path, dtype, device, families, staged)
     elif quant not in (None, "none"):
-        report = _load_and_quantize(model, path, _scheme(quant), dtype, device, families_to_load(None, quant_lm_head))
+        report = _load_and_quantize(model, path, _scheme(quant), dtype, device, families_to_load(None, quant_lm_head),
+                                    staged)
     elif quant_lm_head:
         raise UsageError("--quant-lm-head quantizes with the --quant scheme; add --quant int4, int8 or nf4")
     else:
         ckpt = load_weights(model, path, dtype=dtype, device=device)
-        use_gemv_layout(model, release=ckpt.release)  # bf16 on the CPU: see runtime.decode_kernels
+        if not staged:
+            use_gemv_layout(model, release=ckpt.release)  # bf16 on the CPU: see runtime.decode_kernels
     model.reset_buffers()
     return model.eval(), report
 
@@ -82,13 +89,15 @@ def _compute_dtype(ckpt: Checkpoint, dtype: torch.dtype | None) -> torch.dtype:
     return dtype or ckpt.dtype("language_model.model.embed_tokens.weight")
 
 
-def _load_and_quantize(model, path, scheme: Scheme, dtype, device, families: tuple[str, ...]) -> QuantReport:
+def _load_and_quantize(model, path, scheme: Scheme, dtype, device, families: tuple[str, ...],
+                       staged: bool) -> QuantReport:
     # Load as stored (zero-copy mmap views), pack each target and drop its source pages right
     # away, then convert what stays in floating point.
     ckpt = load_weights(model, path, dtype=None, device="cpu")
     compute = _compute_dtype(ckpt, dtype)
     try:
-        report = quantize_model(model, scheme, compute, device, release=ckpt.release, families=families)
+        report = quantize_model(model, scheme, compute, device, release=ckpt.release, families=families,
+                                staged=staged)
     except ValueError as exc:  # a weight shape the scheme's kernels cannot take
         raise UsageError(f"{exc}; choose another --quant") from None
     model.reset_buffers()  # materialise the (meta) RoPE buffer so .to() can move the rest
@@ -110,7 +119,8 @@ def expected_quantized_shapes(
     return expected
 
 
-def _load_quantized(model, config: AriaConfig, path, dtype, device, families: tuple[str, ...]) -> QuantReport:
+def _load_quantized(model, config: AriaConfig, path, dtype, device, families: tuple[str, ...],
+                    staged: bool) -> QuantReport:
     try:  # the block also lists the quantized families ("modules"), which are not scheme options
         scheme = scheme_from_metadata({k: v for k, v in config.quantization.items() if k != "modules"})
     except ValueError as exc:
@@ -123,7 +133,7 @@ def _load_quantized(model, config: AriaConfig, path, dtype, device, families: tu
         return {s: ckpt.get(packed_name(name, s)) for s in scheme.suffixes}
 
     try:
-        report = install_packed(model, scheme, packed, compute, device, families=families)
+        report = install_packed(model, scheme, packed, compute, device, families=families, staged=staged)
     except ValueError as exc:  # a packed tensor of the wrong dtype or size
         raise CheckpointError(f"{path}: {exc}; re-run aria quantize") from None
     state = {n: ckpt.get(n, compute, device, release_source=True) for n in model.state_dict()}

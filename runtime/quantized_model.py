@@ -35,7 +35,9 @@ class QuantizedRoutedExperts(nn.Module):
     """Routed experts with fc1 [E, 2I, H] and fc2 [E, H, I] packed, prepared once per expert."""
 
     def __init__(self, scheme: Scheme, fc1: dict[str, torch.Tensor], fc2: dict[str, torch.Tensor],
-                 device: torch.device | str, dtype: torch.dtype):
+                 device: torch.device | str | None, dtype: torch.dtype):
+        """`device` None: staged in host memory, prepared for nothing yet (the offload engine and
+        move_model prepare from the packed form for where the experts end up)."""
         super().__init__()
         self.scheme = scheme
         self.dtype = dtype
@@ -45,7 +47,8 @@ class QuantizedRoutedExperts(nn.Module):
         self.num_experts = scheme.weight_shape(fc1)[0]
         self.fc1: list[Prepared] = []
         self.fc2: list[Prepared] = []
-        self.prepare_for(device)
+        if device is not None:
+            self.prepare_for(device)
 
     def run_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         mm = self.scheme.matmul
@@ -56,6 +59,8 @@ class QuantizedRoutedExperts(nn.Module):
     # it eagerly between the graphs before and after it.
     @torch.compiler.disable
     def forward(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+        if not self.fc1:
+            raise RuntimeError("these experts are staged in host memory: place the model before running it")
         if x.shape[0] == 1 and x.device.type == "cpu":
             mm = self.scheme.matmul
             return one_token_routed_sum(x, top_idx, top_w, lambda e, xe: mm(xe, self.fc1[e]),
@@ -153,8 +158,10 @@ def quantize_model(
     device: torch.device | str = "cpu",
     release: Callable[[str], None] | None = None,
     families: tuple[str, ...] = QUANTIZED_FAMILIES,
+    staged: bool = False,
 ) -> QuantReport:
     """Quantize every target of a float model in place; `release(name)` frees each source after.
+    `staged`: the routed experts are left unprepared (see QuantizedRoutedExperts).
 
     Raises ValueError naming the first weight whose shape the scheme cannot take, before any
     weight is touched."""
@@ -169,7 +176,8 @@ def quantize_model(
             release(name)
         return packed
 
-    return install_packed(model, scheme, packed_from_float, dtype, device, report_floats=True, families=families)
+    return install_packed(model, scheme, packed_from_float, dtype, device, report_floats=True, families=families,
+                          staged=staged)
 
 
 @torch.no_grad()
@@ -181,17 +189,21 @@ def install_packed(
     device: torch.device | str = "cpu",
     report_floats: bool = False,
     families: tuple[str, ...] = QUANTIZED_FAMILIES,
+    staged: bool = False,
 ) -> QuantReport:
     """Replace every target module by its quantized form built from `get_packed(weight name)`.
 
     Works on a meta-built model (nothing is read but the packed tensors) and on a loaded one.
+    `staged`: the weights wait in host memory for the offload engine to place them; routed
+    experts are then not prepared for `device` (it would be thrown away: the engine prepares
+    each expert for where it ends up).
     """
     report = QuantReport()
     for parent, attr, names in _targets(model, families):
         before = {n: _nbytes(model.get_parameter(n)) for n in names}
         packed = {n: get_packed(n) for n in names}
         if isinstance(getattr(parent, attr), RoutedExperts):
-            new = QuantizedRoutedExperts(scheme, packed[names[0]], packed[names[1]], device, dtype)
+            new = QuantizedRoutedExperts(scheme, packed[names[0]], packed[names[1]], None if staged else device, dtype)
         else:
             new = QuantizedLinear.from_packed(packed[names[0]], scheme, device, dtype=dtype)
             new.packed = packed[names[0]] if keeps_packed(device) else None  # what move_model prepares from
@@ -214,7 +226,7 @@ def move_model(model: nn.Module, device: torch.device | str) -> nn.Module:
     device = torch.device(device)
     for module in list(model.modules()):
         for attr, child in list(module.named_children()):
-            if isinstance(child, QuantizedRoutedExperts) and child.fc1 and child.fc1[0].device != device:
+            if isinstance(child, QuantizedRoutedExperts) and (not child.fc1 or child.fc1[0].device != device):
                 child.prepare_for(device)
             elif isinstance(child, QuantizedLinear) and child.prepared.device != device:
                 packed = _still_packed(child.packed)

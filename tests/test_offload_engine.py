@@ -272,3 +272,35 @@ def test_compiled_decode_compiles_once_whatever_experts_are_chosen(base, config,
     session.reset()
     assert list(session.generate(PROMPT, max_new_tokens=NEW_TOKENS)) == eager
     assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize("plan_options", [{}, {"n_cpu_moe": 1, "expert_slots": 2}], ids=["resident", "offloaded"])
+def test_a_staged_quantized_load_is_prepared_only_where_it_is_placed(tmp_path, config, plan_options):
+    """Loaded for the offload engine to place (`staged`), quantized experts are not prepared for
+    the CPU (every such layout would be thrown away); placing them prepares each for where it
+    lands, and the answer is the resident model's."""
+    from runtime.loader import load_model, load_model_with_report
+    from runtime.tiny_checkpoint import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path / "model", config=config)
+    expected = generate(load_model(path, torch.float32, quant="int8"))[0]
+    staged, _ = load_model_with_report(path, torch.float32, quant="int8", staged=True)
+    assert all(layer.mlp.experts.fc1 == [] for layer in staged.language_model.model.layers)
+    with pytest.raises(RuntimeError, match="staged in host memory"):
+        generate(staged)
+    plan = plan_placement(config, BIG, context=64, scheme="int8", dtype=torch.float32, **plan_options)
+    apply_offload(staged, plan, "cpu", "cpu", miss_policy="fetch")
+    assert generate(staged)[0] == expected
+
+
+def test_a_staged_bf16_load_keeps_the_checkpoint_layout(tmp_path, config):
+    """bf16 experts are re-laid for the CPU's gemv only when they will compute on the CPU."""
+    from runtime.loader import load_model, load_model_with_report
+    from runtime.tiny_checkpoint import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path / "model", config=config, dtype=torch.bfloat16)
+    resident = load_model(path, torch.bfloat16).language_model.model.layers[0].mlp.experts.fc1.weight
+    staged, _ = load_model_with_report(path, torch.bfloat16, staged=True)
+    fc1 = staged.language_model.model.layers[0].mlp.experts.fc1.weight
+    assert resident.transpose(1, 2).is_contiguous() and fc1.is_contiguous()
+    torch.testing.assert_close(fc1, resident, rtol=0, atol=0)
