@@ -179,7 +179,9 @@ class Session:
         for n in range(1, limit + 1):
             more = n < limit  # the last token is never fed back: its logits would go unused
             reader.start(token)
-            queued = more and self._ahead
+            # Not before the compiled step exists: its first call compiles (seconds), which would
+            # then land before the first token reaches the user.
+            queued = more and self._ahead and (self._compiled is None or self.compile_seconds > 0)
             if queued:  # a stop id wastes this step, but the device never waits for the host
                 logits = self._step(token)
             tid = reader.result()

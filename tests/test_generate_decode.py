@@ -123,6 +123,19 @@ def test_compiled_decode_gives_the_eager_tokens(model):
     assert session.compile_seconds > 0
 
 
+def test_the_first_token_reaches_the_user_before_the_decode_step_compiles(model):
+    """With the next step queued before each read (CUDA ordering, forced here), the first call,
+    which compiles, would come before the first token; it waits until that token is out."""
+    ids, pixels, mask = image_prompt(model)
+    expected, _ = greedy(model, ids, 8, pixels, mask)
+    session = Session(model, len(ids) + 8, compile="aot_eager")
+    session._ahead = True
+    tokens = session.generate(ids, pixels, mask, max_new_tokens=8)
+    first = next(tokens)
+    assert session.compile_seconds == 0
+    assert [first, *tokens] == expected and session.compile_seconds > 0
+
+
 # ----- stop handling and the cache behind it ---------------------------------------------------
 
 
