@@ -19,6 +19,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from runtime.demo_paths import DEMO_MODEL_DIR
 from runtime.errors import ConfigError, ModelNotFoundError, UsageError
@@ -223,6 +224,11 @@ class Removal:
     name: str
     paths: tuple[Path, ...]  # the first one is the model; the rest is bookkeeping (locks)
     size_bytes: int
+    # For a download: huggingface_hub's own deletion of its revisions. Since huggingface_hub 2,
+    # a repo's blobs may be links into one store shared by the whole cache (Xet downloads), so
+    # deleting the repo folder alone would leave the weights on disk; the library's deletion
+    # also frees the shared blobs no other repo uses.
+    hub_deletion: Any = None
 
 
 def plan_removal(name: str) -> Removal:
@@ -246,10 +252,31 @@ def plan_removal(name: str) -> Removal:
     if not folder.is_dir():
         raise ModelNotFoundError(f"model {name} is not downloaded; nothing to remove (see `aria models`)")
     locks = hub_cache_dir() / ".locks" / folder.name
-    return Removal(name, (folder, locks), _dir_size(folder))
+    deletion = _hub_deletion(ref.repo_id)
+    if deletion is None:  # the cache scan cannot read this repo (e.g. a broken snapshot): the folder goes as it is
+        return Removal(name, (folder, locks), _dir_size(folder))
+    # Partial downloads are the repo's own files, not part of any revision.
+    partials = sum(p.stat().st_size for p in (folder / "blobs").glob("*.incomplete"))
+    return Removal(name, (folder, locks), deletion.expected_freed_size + partials, deletion)
+
+
+def _hub_deletion(repo_id: str):
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        info = scan_cache_dir(hub_cache_dir())
+    except CacheNotFound:
+        return None
+    repo = next((r for r in info.repos if r.repo_id == repo_id and r.repo_type == "model"), None)
+    if repo is None or not repo.revisions:
+        return None
+    return info.delete_revisions(*(revision.commit_hash for revision in repo.revisions))
 
 
 def remove(removal: Removal) -> None:
+    if removal.hub_deletion is not None:
+        removal.hub_deletion.execute()
     for path in removal.paths:
         if path.is_symlink() or path.is_file():
             path.unlink()

@@ -7,6 +7,7 @@ attempt to reach the network would fail loudly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -45,16 +46,26 @@ def write_checkpoint(folder: Path, scratch: Path, config: dict | None = None) ->
     return folder
 
 
-def write_cached_repo(env: Path, repo_id: str) -> Path:
-    """A complete snapshot in the HF cache layout: blobs, a snapshot of symlinks, refs/main."""
+def write_cached_repo(env: Path, repo_id: str, shared_blobs: bool = False) -> Path:
+    """A complete snapshot in the HF cache layout: blobs, a snapshot of symlinks, refs/main.
+
+    `shared_blobs`: as huggingface_hub 2 stores Xet downloads, each repo blob a link into the
+    cache-wide store (laid out by the library itself)."""
+    from huggingface_hub.utils._shared_blobs import publish_blob_to_shared_store
+
     repo = env / "hf" / "hub" / ("models--" + repo_id.replace("/", "--"))
-    staged = write_checkpoint(env / "staged", env / "scratch")
+    staged = write_checkpoint(env / "staged" / repo.name, env / "scratch" / repo.name)
     snapshot = repo / "snapshots" / COMMIT
     (repo / "blobs").mkdir(parents=True)
     snapshot.mkdir(parents=True)
-    for i, file in enumerate(sorted(staged.iterdir())):
-        blob = repo / "blobs" / f"blob{i}"
+    for file in sorted(staged.iterdir()):
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
         file.rename(blob)
+        if shared_blobs:
+            assert publish_blob_to_shared_store(blob_path=str(blob), xet_hash=blob.name, cache_dir=env / "hf" / "hub",
+                                                expected_size=len(data))
+            assert blob.is_symlink()
         (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(COMMIT)
@@ -182,3 +193,23 @@ def test_download_refuses_local_names(env):
     result = CliRunner().invoke(app, ["download", "aria-int4"])
     assert result.exit_code == 2
     assert result.stderr == "error: aria-int4 is made locally by `aria quantize`; there is nothing to download\n"
+
+
+def test_rm_frees_weights_kept_in_the_hubs_shared_blob_store(env):
+    """huggingface_hub 2 keeps Xet downloads in one store for the whole cache; a repo's blobs are
+    links into it. Deleting the repo folder alone would leave the weights on disk: aria rm deletes
+    through the library and reports what that frees."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.utils._shared_blobs import shared_store_blob_paths
+
+    cache = env / "hf" / "hub"
+    snapshot = write_cached_repo(env, "rhymes-ai/Aria", shared_blobs=True)
+    weights = sum(f.stat().st_size for f in snapshot.iterdir())  # through the links
+    assert len(shared_store_blob_paths(cache)) == len(list(snapshot.iterdir()))
+    listed = CliRunner().invoke(app, ["models", "--json"])
+    assert [m["size_bytes"] for m in json.loads(listed.stdout)["models"] if m["name"] == "rhymes-ai/Aria"] == [weights]
+    result = CliRunner().invoke(app, ["rm", "aria", "--yes", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["size_bytes"] == weights
+    assert not snapshot.exists() and shared_store_blob_paths(cache) == set()
+    assert scan_cache_dir(cache).size_on_disk == 0
