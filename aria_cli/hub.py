@@ -44,8 +44,13 @@ def hub_errors(repo_id: str, revision: str = "main", *, lookup: bool = False) ->
     `lookup`: the block only asks the Hub about the repo (nothing is being downloaded yet).
     Only the Hub call sits inside this block, so a bug in aria is never disguised as a network error.
     """
+    from huggingface_hub import constants
     from huggingface_hub import errors as hf
 
+    # Only a run aria decided is online gets here (--online and ARIA_OFFLINE win over
+    # HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE), but huggingface_hub read those variables once, at
+    # import, and would refuse every request: tell it what aria decided.
+    constants.HF_HUB_OFFLINE = False
     try:
         yield
     except hf.GatedRepoError:

@@ -156,7 +156,8 @@ DECLARATIONS: dict[str, Any] = {
     "compile": _flag("--compile/--no-compile", name="compile", panel=_RUN,
                      help="Compile the decode step (slow first token, faster after; needs a C++ compiler on CPU)."),
     "offline": _flag("--offline/--online", name="offline", panel=_HUB,
-                     help="Use only downloaded models; make no network call (also HF_HUB_OFFLINE=1)."),
+                     help="Use only downloaded models; make no network call (also HF_HUB_OFFLINE=1 or "
+                          "TRANSFORMERS_OFFLINE=1; --online overrides them)."),
     "verbose": _flag("-v", "--verbose", name="verbose", panel=_OUT, help="Show speed stats and details on stderr."),
     "debug": _flag("--debug", name="debug", panel=_OUT, help="Show tracebacks for errors."),
     "json": _flag("--json", name="json", panel=_OUT, help="Print one JSON object on stdout."),

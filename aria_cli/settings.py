@@ -218,7 +218,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("max_context", "--max-context", _as_int, 8192, _at_least(1)),
         Setting("compile", "--compile", _as_bool, False),
         # hub and output
-        Setting("offline", "--offline", _as_bool, False, env=("HF_HUB_OFFLINE",)),
+        Setting("offline", "--offline", _as_bool, False, env=("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")),
         Setting("verbose", "--verbose", _as_bool, False),
         Setting("debug", "--debug", _as_bool, False),
         Setting("json", "--json", _as_bool, False),

@@ -214,7 +214,8 @@ class FakeHub:
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     """A scratch HF cache and aria dirs; nothing from the real home leaks in."""
-    for var in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "ARIA_OFFLINE"):
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+                "ARIA_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
@@ -417,6 +418,18 @@ def test_hf_hub_offline_env_makes_no_request_in_a_real_process(hub, env):
     assert proc.stderr == f"error: model {REPO} is not downloaded; run `aria download {REPO}` (or drop --offline)\n"
     assert proc.stdout == ""
     assert hub.requests == []
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
+def test_online_wins_over_the_hubs_offline_variables_in_a_real_process(hub, env, variable):
+    """Either variable makes aria offline; --online undoes it, though huggingface_hub read the
+    variable at import and would refuse every request on its own."""
+    environ = {**os.environ, variable: "1"}
+    offline = aria_process("download", REPO, env=environ)
+    assert offline.returncode == 1 and "is not downloaded" in offline.stderr and hub.requests == []
+    online = aria_process("download", REPO, "--online", env=environ)
+    assert online.returncode == 0, online.stderr
+    assert online.stdout.strip() == str(snapshot_dir(env, hub.repos[REPO]["sha"]))
 
 
 def test_real_process_download_honours_hf_home_and_hf_token(hub, env):
