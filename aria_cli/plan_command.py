@@ -15,7 +15,7 @@ import torch
 import typer
 
 from runtime.config import AriaConfig, load_config
-from runtime.errors import PlacementError, UsageError
+from runtime.errors import ModelNotFoundError, PlacementError, UsageError
 from runtime.known_configs import KNOWN_REPOS, aria_config_dict
 from runtime.placement import Bandwidths, card_plans, plan_placement, scheme_label
 from runtime.plan_table import PLAN_COLUMNS, SUMMARY_COLUMNS, plan_rows, summary_rows
@@ -52,9 +52,14 @@ def plan_config(name: str, offline: bool) -> tuple[AriaConfig, str]:
     if offline:
         raise not_downloaded(name)
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
     with hub_errors(ref.repo_id, lookup=True):
-        path = hf_hub_download(ref.repo_id, "config.json", cache_dir=hub_cache_dir(), endpoint=hub_endpoint())
+        try:
+            path = hf_hub_download(ref.repo_id, "config.json", cache_dir=hub_cache_dir(), endpoint=hub_endpoint())
+        except RemoteEntryNotFoundError:  # an HTTP 404 for the file: the repo itself exists
+            raise ModelNotFoundError(f"{ref.repo_id} has no config.json on {hub_endpoint()}: it is not an Aria "
+                                     "model; check the name") from None
     return load_config(path), f"{ref.repo_id}, config.json from the Hub"
 
 

@@ -147,3 +147,11 @@ def test_other_hub_model_fetches_only_its_config(hub):
     assert offline.exit_code == 1
     assert offline.stderr == ("error: model someone/other is not downloaded; run `aria download someone/other` "
                               "(or drop --offline)\n")
+
+
+def test_a_hub_repo_without_config_json_is_named_as_not_an_aria_model(hub):
+    hub.publish("someone/no-config", {"model.safetensors": b"x" * 64})
+    result = plan("-m", "someone/no-config", "--gpu-memory", "24GiB")
+    assert result.exit_code == 1
+    assert result.stderr == (f"error: someone/no-config has no config.json on {hub.url}: it is not an Aria model; "
+                             "check the name\n")
