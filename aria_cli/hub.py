@@ -19,13 +19,20 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
 def hub_cache_dir() -> Path:
-    """The standard HF cache: $HF_HUB_CACHE, else $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    """The HF cache as huggingface_hub finds it: $HF_HUB_CACHE, else the legacy
+    $HUGGINGFACE_HUB_CACHE, else $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub; ~ and $VARs
+    expanded. Read at each call, not at import as the library does, so tests can move it."""
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(variable):
+            return _expanded(os.environ[variable])
     if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+        return _expanded(os.environ["HF_HOME"]) / "hub"
     xdg_cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg_cache).expanduser() / "huggingface" / "hub"
+    return _expanded(xdg_cache) / "huggingface" / "hub"
+
+
+def _expanded(path: str) -> Path:
+    return Path(os.path.expandvars(os.path.expanduser(path)))
 
 
 def hub_endpoint() -> str:

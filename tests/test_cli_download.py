@@ -214,8 +214,8 @@ class FakeHub:
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     """A scratch HF cache and aria dirs; nothing from the real home leaks in."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
-                "ARIA_OFFLINE"):
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN",
+                "HUGGING_FACE_HUB_TOKEN", "ARIA_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))

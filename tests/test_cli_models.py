@@ -213,3 +213,27 @@ def test_rm_frees_weights_kept_in_the_hubs_shared_blob_store(env):
     assert json.loads(result.stdout)["size_bytes"] == weights
     assert not snapshot.exists() and shared_store_blob_paths(cache) == set()
     assert scan_cache_dir(cache).size_on_disk == 0
+
+
+@pytest.mark.parametrize("variables", [
+    {"HF_HUB_CACHE": "~/hubcache"},
+    {"HUGGINGFACE_HUB_CACHE": "$MYROOT/legacy"},
+    {"HF_HOME": "$MYROOT/hf"},
+    {"HF_HUB_CACHE": "/a/b", "HUGGINGFACE_HUB_CACHE": "/c/d", "HF_HOME": "/e"},
+    {"XDG_CACHE_HOME": "/x/cache"},
+], ids=["hf_hub_cache", "legacy", "hf_home", "precedence", "xdg"])
+def test_the_cache_is_where_huggingface_hub_itself_looks(monkeypatch, tmp_path, variables):
+    import subprocess
+    import sys
+
+    from aria_cli.hub import hub_cache_dir
+
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MYROOT", "/root-of-mine")
+    for var, value in variables.items():
+        monkeypatch.setenv(var, value)
+    library = subprocess.run([sys.executable, "-c", "import huggingface_hub.constants as c; print(c.HF_HUB_CACHE)"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert hub_cache_dir() == Path(library)

@@ -10,7 +10,8 @@ def isolate_user_env(monkeypatch, home: Path) -> Path:
     """No ARIA_* variable, Hub offline/endpoint/cache override or user config reaches the test;
     the HF cache and aria's config and data directories live under `home`."""
     for var in list(os.environ):
-        if var.startswith("ARIA_") or var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "HF_HUB_CACHE"):
+        if var.startswith("ARIA_") or var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "HF_HUB_CACHE",
+                                              "HUGGINGFACE_HUB_CACHE"):
             monkeypatch.delenv(var)
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "cfg"))
