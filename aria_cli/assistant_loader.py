@@ -9,13 +9,14 @@ the CPU every weight is already in CPU memory, so nothing is planned or offloade
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import torch
 
 from runtime.assistant import Assistant, GenerationOptions
 from runtime.config import AriaConfig, load_config
-from runtime.errors import AriaError, UsageError
+from runtime.errors import AriaError, PlacementError, UsageError
 from runtime.placement import Plan, plan_placement, resolve_scheme
 from runtime.plan_table import plan_rows
 from runtime.quant_targets import families_to_load
@@ -148,11 +149,45 @@ def plan_for(opts: RunOptions, config: AriaConfig, device: torch.device, dtype: 
                           dtype=dtype, cpu_moe=opts.cpu_moe, n_cpu_moe=opts.n_cpu_moe,
                           expert_slots=opts.expert_slots,
                           quantized=families_to_load(config.quantization, opts.quant_lm_head))
+    if plan.host_layout_copy_bytes and not fits_host_memory(plan):
+        # int4/nf4 keep a second host copy of each cached expert only to compute misses on the
+        # CPU; fetching every miss needs one copy.
+        fetch_only = dataclasses.replace(plan, miss_policy="fetch")
+        if fits_host_memory(fetch_only):
+            console.detail("placement: CPU memory holds one copy of the experts, not two: misses are fetched "
+                           "to the GPU, never computed on the CPU")
+            plan = fetch_only
+    check_host_memory(plan)
     source = "--gpu-memory" if opts.gpu_memory else "free memory"
     console.detail(f"placement for {format_size(budget)} ({source}):")
     for part, where, size in plan_rows(plan):
         console.detail(f"  {part}: {where} {size}".rstrip())
     return plan
+
+
+def fits_host_memory(plan: Plan) -> bool:
+    from runtime.device import available_host_memory
+
+    available = available_host_memory()
+    return not plan.host_bytes or available is None or plan.host_bytes + 2**30 <= available
+
+
+def check_host_memory(plan: Plan) -> None:
+    """Refuse, before loading, a plan whose offloaded experts do not fit the CPU memory free now:
+    they are pinned (never swapped), so the load would fail after minutes, or the system would
+    kill it. A 1 GiB reserve stays for everything else."""
+    from runtime.device import available_host_memory
+    from runtime.sizes import human_size
+
+    if fits_host_memory(plan):
+        return
+    available = available_host_memory()
+    smaller = {"bf16": "--quant int8 or int4", "fp16": "--quant int8 or int4", "int8": "--quant int4"}.get(plan.scheme)
+    hint = f"use {smaller}, or free some memory" if smaller else "free some memory, or use a GPU with more memory"
+    raise PlacementError(
+        f"this placement keeps {human_size(plan.host_bytes)} of experts in CPU memory, but only "
+        f"{human_size(available)} is available; {hint}"
+    )
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ calls copy at once and every wait returns immediately, so one code path serves b
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -31,6 +32,21 @@ def free_memory(device: torch.device | str) -> int | None:
         return None
     free, _total = torch.cuda.mem_get_info(as_device(device))
     return int(free)
+
+
+def available_host_memory() -> int | None:
+    """Bytes of CPU memory the system can still give without swapping (Linux MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # Pinned allocations above this size get exactly their size (see pin_exact_sizes).
