@@ -151,12 +151,11 @@ def plan_for(opts: RunOptions, config: AriaConfig, device: torch.device, dtype: 
                           quantized=families_to_load(config.quantization, opts.quant_lm_head))
     if plan.host_layout_copy_bytes and not fits_host_memory(plan):
         # int4/nf4 keep a second host copy of each cached expert only to compute misses on the
-        # CPU; fetching every miss needs one copy.
-        fetch_only = dataclasses.replace(plan, miss_policy="fetch")
-        if fits_host_memory(fetch_only):
-            console.detail("placement: CPU memory holds one copy of the experts, not two: misses are fetched "
-                           "to the GPU, never computed on the CPU")
-            plan = fetch_only
+        # CPU; fetching every miss needs one copy (and, if even that does not fit, it is the
+        # smaller need the refusal below names).
+        plan = dataclasses.replace(plan, miss_policy="fetch")
+        console.detail("placement: CPU memory holds one copy of the experts, not two: misses are fetched "
+                       "to the GPU, never computed on the CPU")
     check_host_memory(plan)
     source = "--gpu-memory" if opts.gpu_memory else "free memory"
     console.detail(f"placement for {format_size(budget)} ({source}):")
@@ -174,8 +173,9 @@ def fits_host_memory(plan: Plan) -> bool:
 
 def check_host_memory(plan: Plan) -> None:
     """Refuse, before loading, a plan whose offloaded experts do not fit the CPU memory free now:
-    they are pinned (never swapped), so the load would fail after minutes, or the system would
-    kill it. A 1 GiB reserve stays for everything else."""
+    the ones the GPU caches are pinned (never swapped) and the others are read every token, so
+    the load would fail after minutes, or every token would wait on the disk. A 1 GiB reserve
+    stays for everything else."""
     from runtime.device import available_host_memory
     from runtime.sizes import human_size
 

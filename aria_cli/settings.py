@@ -185,11 +185,20 @@ class Setting:
     parse: Callable[[Any], Any]
     default: Any
     check: Callable[[Any], str | None] | None = None  # returns the failed requirement, or None
-    env: tuple[str, ...] = ()  # extra environment variables after ARIA_<NAME>, e.g. HF_HUB_OFFLINE
+    # After ARIA_<NAME>: the value another tool's variables give, read by that tool's own rules
+    # (None when they say nothing), e.g. huggingface_hub's offline switch.
+    foreign_env: Callable[[Mapping[str, str]], Any] | None = None
 
     @property
-    def env_names(self) -> tuple[str, ...]:
-        return (f"ARIA_{self.name.upper()}", *self.env)
+    def env_name(self) -> str:
+        return f"ARIA_{self.name.upper()}"
+
+
+def _hub_offline(env: Mapping[str, str]) -> bool | None:
+    """huggingface_hub's rule: HF_HUB_OFFLINE, or if it is empty TRANSFORMERS_OFFLINE, is on when it
+    reads 1, ON, YES or TRUE (any case); anything else is off, never an error."""
+    value = env.get("HF_HUB_OFFLINE") or env.get("TRANSFORMERS_OFFLINE")
+    return None if not value else value.upper() in {"1", "ON", "YES", "TRUE"}
 
 
 SETTINGS: dict[str, Setting] = {
@@ -218,7 +227,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("max_context", "--max-context", _as_int, 8192, _at_least(1)),
         Setting("compile", "--compile", _as_bool, False),
         # hub and output
-        Setting("offline", "--offline", _as_bool, False, env=("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")),
+        Setting("offline", "--offline", _as_bool, False, foreign_env=_hub_offline),
         Setting("verbose", "--verbose", _as_bool, False),
         Setting("debug", "--debug", _as_bool, False),
         Setting("json", "--json", _as_bool, False),
@@ -268,9 +277,11 @@ def resolve_setting(
     if _given(flag_value):
         return _validated(setting, flag_value, setting.flag)
     env = os.environ if env is None else env
-    for var in setting.env_names:
-        if var in env:
-            return _validated(setting, env[var], var)
+    if setting.env_name in env:
+        return _validated(setting, env[setting.env_name], setting.env_name)
+    foreign = setting.foreign_env(env) if setting.foreign_env is not None else None
+    if foreign is not None:
+        return foreign
     if file_values and name in file_values:
         return _validated(setting, file_values[name], f"'{name}' in {file_path or config_file()}")
     return setting.default

@@ -63,9 +63,15 @@ def pin_exact_sizes() -> None:
     """
     get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
     set_ = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
-    if get is None or set_ is None or "pinned_max_round_threshold_mb" in get():
+    if get is None or set_ is None:
         return
-    set_(f"pinned_max_round_threshold_mb:{EXACT_PINNED_ABOVE_MB}")  # only this key changes
+    current = get()
+    if "pinned_max_round_threshold_mb" in current:
+        return
+    # Setting replaces the whole configuration (unnamed keys return to their defaults), so the
+    # user's other settings are passed along.
+    ours = f"pinned_max_round_threshold_mb:{EXACT_PINNED_ABOVE_MB}"
+    set_(f"{current},{ours}" if current else ours)
 
 
 def host_buffer(nbytes: int, rows: int = 1, pin: bool = False) -> torch.Tensor:

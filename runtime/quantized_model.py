@@ -45,6 +45,7 @@ class QuantizedRoutedExperts(nn.Module):
         # a move to another device prepare from; see keeps_packed for when it is let go.
         self._packed: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = (fc1, fc2)
         self.num_experts = scheme.weight_shape(fc1)[0]
+        scheme.weight_shape(fc2)  # checks fc2's packed form now, even when nothing is prepared yet
         self.fc1: list[Prepared] = []
         self.fc2: list[Prepared] = []
         if device is not None:

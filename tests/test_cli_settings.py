@@ -113,6 +113,27 @@ def test_hf_hub_offline_counts_as_offline_and_aria_offline_wins(env):
     assert show_opts("--online")["offline"] is False
 
 
+@pytest.mark.parametrize(("hf_hub_offline", "transformers_offline", "offline"), [
+    ("1", None, True), ("yes", None, True), ("On", None, True), ("0", None, False), ("2", None, False),
+    ("", "1", True), (None, "TRUE", True), ("0", "1", False), (None, "no", False), (None, None, False),
+])
+def test_the_hubs_offline_variables_read_as_huggingface_hub_reads_them(env, hf_hub_offline, transformers_offline,
+                                                                       offline):
+    """Offline exactly when huggingface_hub itself is (constants.HF_HUB_OFFLINE), never an error."""
+    import subprocess
+    import sys
+
+    for var, value in (("HF_HUB_OFFLINE", hf_hub_offline), ("TRANSFORMERS_OFFLINE", transformers_offline)):
+        if value is None:
+            env.delenv(var, raising=False)
+        else:
+            env.setenv(var, value)
+    library = subprocess.run([sys.executable, "-c", "import huggingface_hub.constants as c; print(c.HF_HUB_OFFLINE)"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert library == str(offline)
+    assert show_opts()["offline"] is offline
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -198,18 +198,29 @@ def test_host_store_keeps_one_set_of_rows_per_layout_it_serves(fetch, host_compu
         HostStore(codec, torch.device("cuda"), torch.device("cpu"), pin=False, host_compute=False, fetch=False)
 
 
-def test_pinned_stores_are_allocated_at_their_exact_size(monkeypatch):
+def test_pinned_stores_ask_for_exact_sizes_and_keep_the_users_allocator_settings(monkeypatch):
     """PyTorch pins a power of two per allocation unless told otherwise (1.5 GB of experts would
-    pin 2 GB): the first pinned store sets the threshold, unless the user chose one."""
+    pin 2 GB): the first pinned store sets the threshold, unless the user chose one. Setting
+    replaces the whole configuration, so the user's other settings go along."""
+    import subprocess
+    import sys
+
     from runtime import device
 
-    real_set = torch._C._accelerator_setAllocatorSettings
     settings = {"now": ""}
     monkeypatch.setattr(torch._C, "_accelerator_getAllocatorSettings", lambda: settings["now"])
     monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", lambda s: settings.update(now=s))
+    ours = f"pinned_max_round_threshold_mb:{device.EXACT_PINNED_ABOVE_MB}"
     device.pin_exact_sizes()
-    assert settings["now"] == f"pinned_max_round_threshold_mb:{device.EXACT_PINNED_ABOVE_MB}"
-    settings["now"] = "expandable_segments:True,pinned_max_round_threshold_mb:8"  # PYTORCH_ALLOC_CONF
+    assert settings["now"] == ours
+    settings["now"] = "max_split_size_mb:512,garbage_collection_threshold:0.8"  # PYTORCH_ALLOC_CONF
+    device.pin_exact_sizes()
+    assert settings["now"] == f"max_split_size_mb:512,garbage_collection_threshold:0.8,{ours}"
+    settings["now"] = "expandable_segments:True,pinned_max_round_threshold_mb:8"
     device.pin_exact_sizes()
     assert settings["now"] == "expandable_segments:True,pinned_max_round_threshold_mb:8"
-    real_set(f"pinned_max_round_threshold_mb:{device.EXACT_PINNED_ABOVE_MB}")  # PyTorch takes the key
+    # PyTorch takes the combined string (in a process of its own: it is global state).
+    accepted = (f"import torch; torch._C._accelerator_setAllocatorSettings('max_split_size_mb:512,{ours}'); "
+                "print(torch._C._accelerator_getAllocatorSettings())")
+    out = subprocess.run([sys.executable, "-c", accepted], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"max_split_size_mb:512,{ours}"
