@@ -9,7 +9,6 @@ and renamed at the end: an interrupted run leaves nothing that loads as a model.
 from __future__ import annotations
 
 import dataclasses
-import math
 import shutil
 import tempfile
 import time
@@ -30,12 +29,12 @@ from .quant_targets import (
     first_unsupported,
     is_quantized,
     packed_name,
-    stored_shape,
     to_stored_orientation,
 )
 from .quantized_model import QuantReport
 from .safetensors_io import default_permissions
 from .sizes import human_size
+from .weight_bytes import tensor_bytes
 
 # Files a model directory needs besides the weights; copied when present.
 SIDE_FILES = (
@@ -141,14 +140,7 @@ def quantize_checkpoint(
 
 
 def _output_bytes(ckpt, scheme: Scheme, families: tuple[str, ...]) -> int:
-    size = 0
-    for name in ckpt.names():
-        shape = ckpt.shape(name)
-        if is_quantized(name, families):
-            size += scheme.packed_nbytes(stored_shape(name, shape))
-        else:
-            size += ckpt.dtype(name).itemsize * math.prod(shape)
-    return size
+    return sum(tensor_bytes(name, ckpt.shape(name), scheme, ckpt.dtype(name), families) for name in ckpt.names())
 
 
 def _replace_dir(new: Path, dest: Path) -> None:

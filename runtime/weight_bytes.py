@@ -19,20 +19,24 @@ from quant import Scheme
 from .config import AriaConfig
 from .errors import UsageError
 from .model import build_model
-from .quant_targets import FAMILIES, QUANTIZED_FAMILIES, family_of, is_quantized, stored_shape
+from .quant_targets import (
+    FAMILIES,
+    QUANTIZED_FAMILIES,
+    family_of,
+    first_unsupported,
+    is_quantized,
+    stored_shape,
+)
 
 ROUTED = "routed experts"
 
 
 def tensor_bytes(name: str, shape: tuple[int, ...], scheme: Scheme | None, dtype: torch.dtype,
                  families: tuple[str, ...] = QUANTIZED_FAMILIES) -> int:
-    """Bytes of one parameter as the runtime holds it: packed if quantized, else `dtype`."""
+    """Bytes of one parameter as the runtime holds it (or `aria quantize` writes it): packed if
+    quantized, else `dtype`. The shape must be one the scheme takes (quant_targets.first_unsupported)."""
     if scheme is not None and is_quantized(name, families):
-        packed_shape = stored_shape(name, shape)
-        problem = scheme.why_unsupported(packed_shape)
-        if problem:  # the converter refuses such a model outright; so does the planner
-            raise UsageError(f"{name}: {problem}; choose another --scheme")
-        return scheme.packed_nbytes(packed_shape)
+        return scheme.packed_nbytes(stored_shape(name, shape))
     return math.prod(shape) * dtype.itemsize
 
 
@@ -87,6 +91,10 @@ def weight_bytes(config: AriaConfig, scheme: Scheme | None = None, dtype: torch.
                  quantized: tuple[str, ...] = QUANTIZED_FAMILIES) -> WeightBytes:
     """Count every parameter of the meta-built model (no memory is allocated); `quantized`: the
     families `scheme` packs."""
+    if scheme is not None:  # the converter refuses such a model outright; so does the planner
+        problem = first_unsupported(scheme, parameter_shapes(config), quantized)
+        if problem:
+            raise UsageError(f"{problem}; choose another --scheme")
     families = dict.fromkeys(FAMILIES, 0)
     expert_shapes = []
     largest_quantized = 0  # elements of one quantized matrix
