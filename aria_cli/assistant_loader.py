@@ -149,14 +149,17 @@ def plan_for(opts: RunOptions, config: AriaConfig, device: torch.device, dtype: 
                           dtype=dtype, cpu_moe=opts.cpu_moe, n_cpu_moe=opts.n_cpu_moe,
                           expert_slots=opts.expert_slots,
                           quantized=families_to_load(config.quantization, opts.quant_lm_head))
-    if plan.host_layout_copy_bytes and not fits_host_memory(plan):
+    problem = host_memory_problem(plan)
+    if problem and plan.host_layout_copy_bytes:
         # int4/nf4 keep a second host copy of each cached expert only to compute misses on the
         # CPU; fetching every miss needs one copy (and, if even that does not fit, it is the
-        # smaller need the refusal below names).
+        # smaller need the refusal names).
         plan = dataclasses.replace(plan, miss_policy="fetch")
         console.detail("placement: CPU memory holds one copy of the experts, not two: misses are fetched "
                        "to the GPU, never computed on the CPU")
-    check_host_memory(plan)
+        problem = host_memory_problem(plan)
+    if problem:
+        raise PlacementError(problem)
     source = "--gpu-memory" if opts.gpu_memory else "free memory"
     console.detail(f"placement for {format_size(budget)} ({source}):")
     for part, where, size in plan_rows(plan):
@@ -164,30 +167,22 @@ def plan_for(opts: RunOptions, config: AriaConfig, device: torch.device, dtype: 
     return plan
 
 
-def fits_host_memory(plan: Plan) -> bool:
-    from runtime.device import available_host_memory
+def host_memory_problem(plan: Plan) -> str | None:
+    """Why the plan's experts do not fit the CPU memory available now, or None when they do.
 
-    available = available_host_memory()
-    return not plan.host_bytes or available is None or plan.host_bytes + 2**30 <= available
-
-
-def check_host_memory(plan: Plan) -> None:
-    """Refuse, before loading, a plan whose offloaded experts do not fit the CPU memory free now:
-    the ones the GPU caches are pinned (never swapped) and the others are read every token, so
-    the load would fail after minutes, or every token would wait on the disk. A 1 GiB reserve
-    stays for everything else."""
+    The ones the GPU caches are pinned (never swapped) and the others are read every token, so
+    such a load would fail after minutes, or every token would wait on the disk. A 1 GiB
+    reserve stays for everything else."""
     from runtime.device import available_host_memory
     from runtime.sizes import human_size
 
-    if fits_host_memory(plan):
-        return
     available = available_host_memory()
+    if not plan.host_bytes or available is None or plan.host_bytes + 2**30 <= available:
+        return None
     smaller = {"bf16": "--quant int8 or int4", "fp16": "--quant int8 or int4", "int8": "--quant int4"}.get(plan.scheme)
     hint = f"use {smaller}, or free some memory" if smaller else "free some memory, or use a GPU with more memory"
-    raise PlacementError(
-        f"this placement keeps {human_size(plan.host_bytes)} of experts in CPU memory, but only "
-        f"{human_size(available)} is available; {hint}"
-    )
+    return (f"this placement keeps {human_size(plan.host_bytes)} of experts in CPU memory, but only "
+            f"{human_size(available)} is available; {hint}")
 
 
 @contextlib.contextmanager
