@@ -20,6 +20,7 @@ from .base import Kernel, PackedSpec, Scheme
 
 MIN_SCALE = torch.finfo(torch.float32).eps
 CPU_KERNEL_ALIGNMENT = 64  # bytes; `_weight_int8pack_mm` needs 16, PyTorch allocates at 64
+BF16_KERNEL_FEATURES = 16  # `_weight_int8pack_mm` in bfloat16 needs in_features to be a multiple
 
 
 class Int8Scheme(Scheme):
@@ -61,6 +62,10 @@ class Int8Scheme(Scheme):
         if qdata.data_ptr() % CPU_KERNEL_ALIGNMENT:
             qdata = qdata.clone()
         tensors = {"qdata": qdata, "scale": packed["scale"].to(dtype)}
+        # In bfloat16 the kernel reads whole 16-feature vectors: other widths give garbage (or
+        # crash). Aria's widths are multiples of 64; anything else takes the exact GEMM form.
+        if dtype == torch.bfloat16 and qdata.shape[-1] % BF16_KERNEL_FEATURES:
+            return tensors, _dequantized_gemm
         return tensors, _mm_cpu
 
     def _prepare_cuda(

@@ -91,3 +91,14 @@ def test_cpu_kernel_runs_on_codes_at_any_offset_of_a_file_mapping():
         assert codes.data_ptr() % 16  # the condition that used to crash
         prepared = SCHEME.prepare({**packed, "qdata": codes}, "cpu", torch.bfloat16)
         assert torch.equal(SCHEME.matmul(x, prepared), expected)
+
+
+def test_bfloat16_cpu_product_is_right_at_widths_the_kernel_cannot_take():
+    # `_weight_int8pack_mm` in bfloat16 returns garbage (or crashes) unless in_features % 16 == 0;
+    # such widths take the dequantize-and-GEMM form. Reference: the same product in float64.
+    for in_features in (20, 24, 36, 40, 48):
+        packed = SCHEME.quantize(torch.randn(40, in_features, generator=torch.Generator().manual_seed(in_features)))
+        x = torch.randn(1, in_features, generator=torch.Generator().manual_seed(1)).bfloat16()
+        got = SCHEME.matmul(x, SCHEME.prepare(packed, "cpu", torch.bfloat16)).double()
+        exact = x.double() @ SCHEME.dequantize(packed).double().T
+        assert (got - exact).abs().max() <= 2e-2 * exact.abs().max(), in_features
