@@ -372,6 +372,10 @@ def _report(rows: dict, args) -> None:
         q = rows.get(("ours", quant))
         if q and "error" not in q and bf16 and "error" not in bf16:
             print(f"  {quant} decode / our bfloat16 decode: x{q['decode_tps'] / bf16['decode_tps']:.2f} (int4 target >= 2)")
+        compiled = rows.get(("compiled", quant))
+        if q and "error" not in q and compiled and "error" not in compiled:
+            print(f"  {quant} compiled decode / eager: x{compiled['decode_tps'] / q['decode_tps']:.2f} "
+                  f"(compile {compiled['compile_s']:.1f} s)")
     if not args.quant:
         print("  (no int8/int4 rows: pass --quant int8 int4)")
 
@@ -419,6 +423,7 @@ def main() -> None:
     jobs += [("compiled", d, None) for d in args.dtypes] if args.compile else []
     jobs += [] if args.no_reference else [("reference", d, None) for d in args.dtypes]
     jobs += [("ours", q, q) for q in args.quant]
+    jobs += [("compiled", q, q) for q in args.quant] if args.compile else []
     rows: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.checkpoint:

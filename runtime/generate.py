@@ -23,7 +23,7 @@ import torch
 
 from .decode_kernels import linear
 from .model import AriaForConditionalGeneration
-from .moe import grouped_mm_supported
+from .moe import gather_experts_on_device
 from .sampling import Sampler, SamplingParams
 
 
@@ -201,15 +201,25 @@ class Session:
 def _compile_decode(model: AriaForConditionalGeneration, cache, backend: str):
     """decode_logits as a static-shape graph: positions on the device, the whole cache attended.
 
-    Not `fullgraph`: an expert store that reads the expert ids on the host (offload, quantized
-    experts) is left out of the trace and runs eagerly between the graphs before and after it,
-    the same graphs for every token; float experts trace whole (tests check both).
+    Not `fullgraph`: an expert store that reads the expert ids on the host (offloaded experts;
+    resident ones unless switched to gathering) is left out of the trace and runs eagerly
+    between the graphs before and after it, the same graphs for every token (tests check both).
     """
-    # CUDA graphs only where the float expert dispatch never syncs (grouped_mm: bf16 on SM90/SM100);
-    # elsewhere it reads the expert counts on the host, which a graph capture cannot hold.
-    probe = torch.empty(0, dtype=model.dtype, device=model.device)
-    graphs = model.device.type == "cuda" and backend == "inductor" and grouped_mm_supported(probe)
-    if graphs:  # the cache must sit at fixed addresses; it is updated in place
-        for tensor in cache.keys + cache.values:
-            torch._dynamo.mark_static_address(tensor)
+    graphs = model.device.type == "cuda" and backend == "inductor" and ready_for_graphs(model, cache)
     return torch.compile(decode_logits, dynamic=False, backend=backend, mode="reduce-overhead" if graphs else None)
+
+
+def ready_for_graphs(model: AriaForConditionalGeneration, cache) -> bool:
+    """Make a decode step something a CUDA graph can hold, if the model allows; returns whether.
+
+    A graph cannot hold a host read, so resident experts switch to choosing on the device
+    (gather_experts_on_device; offloaded ones cannot, and their model gets no graphs). A graph
+    also replays on fixed addresses: every tensor the step reads but the token and its position
+    must be static, or each replay copies it in first. Weights are (dynamo marks module tensors
+    so); the cache, updated in place, is marked here.
+    """
+    if not gather_experts_on_device(model):
+        return False
+    for tensor in cache.keys + cache.values:
+        torch._dynamo.mark_static_address(tensor)
+    return True

@@ -16,12 +16,14 @@ Float experts dispatch in `float_routed_sum`:
 - elsewhere `grouped_routed_sum`: the same sort with the group boundaries kept on the device and
   one F.grouped_mm per projection, so no step waits for the host (GPU decode and any prefill);
 - where F.grouped_mm would wait for the host anyway (CUDA without PyTorch's grouped kernel:
-  anything but bf16 on SM90/SM100): routed_sum, which reads the counts once per layer.
+  anything but bf16 on SM90/SM100): routed_sum, which reads the counts once per layer; or, once
+  `gather_experts_on_device` has switched the model over for a CUDA graph, one-token steps copy
+  their k experts' weights out by device index (`gathered_routed_sum`; quantized experts too).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -159,26 +161,40 @@ def grouped_routed_sum(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tens
     return _combine(ys, order, top_w)
 
 
-def one_token_routed_sum(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor,
-                          up: Callable[[int, torch.Tensor], torch.Tensor],
-                          down: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """routed_sum for a single token [1, H] where reading its k expert ids costs nothing (the CPU).
+def one_token_routed_sum(x: torch.Tensor, slots: Sequence, top_w: torch.Tensor,
+                          up: Callable[[object, torch.Tensor], torch.Tensor],
+                          down: Callable[[object, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """routed_sum for a single token [1, H], its k experts named by `slots` in top_w's order.
 
-    `up(e, x)` is expert e's fc1 product, `down(e, a)` its fc2 product. Only the k selected
-    experts are touched (grouped_mm's CPU kernel visits all E groups), and the gate/up halves of
-    all k run through one SwiGLU: a decode step is made of small ops, so fewer ops is faster.
+    A slot is whatever `up(slot, x)` (that expert's fc1 product) and `down(slot, a)` (its fc2
+    product) take: the expert ids read on the host where that costs nothing (the CPU), or 0..k-1
+    into weights gathered on the device (gathered_routed_sum). Only the k chosen experts are
+    touched (grouped_mm's CPU kernel visits all E groups), and the gate/up halves of all k run
+    through one SwiGLU: a decode step is made of small ops, so fewer ops is faster.
     """
-    experts = top_idx[0].tolist()
-    act = swiglu(torch.cat([up(e, x) for e in experts]))  # [k, I]
-    ys = torch.cat([down(e, act[j : j + 1]) for j, e in enumerate(experts)])  # [k, H]
+    act = swiglu(torch.cat([up(slot, x) for slot in slots]))  # [k, I]
+    ys = torch.cat([down(slot, act[j : j + 1]) for j, slot in enumerate(slots)])  # [k, H]
     return weighted_rows(top_w, ys)
+
+
+def gathered_routed_sum(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor, fc1: torch.Tensor,
+                        fc2: torch.Tensor) -> torch.Tensor:
+    """one_token_routed_sum with the k experts' float weights copied out by device index.
+
+    Nothing reads the ids on the host, so the step fits a CUDA graph where grouped_mm would
+    wait for the host (see grouped_mm_supported); the copy costs one extra read and write of the
+    active expert weights per step.
+    """
+    ids = top_idx[0]
+    w1, w2 = fc1.index_select(0, ids), fc2.index_select(0, ids)
+    return one_token_routed_sum(x, range(ids.shape[0]), top_w, lambda j, xe: xe @ w1[j], lambda j, a: a @ w2[j])
 
 
 def float_routed_sum(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor, fc1: torch.Tensor,
                      fc2: torch.Tensor) -> torch.Tensor:
     """The routed experts on float grouped weights: grouped matmuls where they run, else routed_sum."""
     if x.shape[0] == 1 and x.device.type == "cpu":
-        return one_token_routed_sum(x, top_idx, top_w, lambda e, xe: row_matmul(xe, fc1[e]),
+        return one_token_routed_sum(x, top_idx[0].tolist(), top_w, lambda e, xe: row_matmul(xe, fc1[e]),
                                     lambda e, a: row_matmul(a, fc2[e]))
     if grouped_mm_supported(x):
         return grouped_routed_sum(x, top_idx, top_w, fc1, fc2)
@@ -207,11 +223,19 @@ class RoutedExperts(nn.Module):
         self.num_experts = e
         self.fc1 = GroupedWeight(e, h, 2 * i)  # columns [0, i) = gate, [i, 2i) = up
         self.fc2 = GroupedWeight(e, i, h)
+        self.gathers = False  # see gather_on_device
+
+    def gather_on_device(self) -> None:
+        """From now on a one-token step takes its experts' weights by device index
+        (gathered_routed_sum) where grouped_mm would read the group sizes on the host."""
+        self.gathers = True
 
     def run_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         return swiglu_expert(x, self.fc1.weight[expert], self.fc2.weight[expert])
 
     def forward(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+        if self.gathers and x.shape[0] == 1 and not (x.device.type != "cpu" and grouped_mm_supported(x)):
+            return gathered_routed_sum(x, top_idx, top_w, self.fc1.weight, self.fc2.weight)
         if torch.compiler.is_compiling():
             return _float_routed_sum_op(x, top_idx, top_w, self.fc1.weight, self.fc2.weight)
         return float_routed_sum(x, top_idx, top_w, self.fc1.weight, self.fc2.weight)
@@ -251,3 +275,16 @@ class MoEBlock(nn.Module):
         top_idx, top_w = self.route(flat)
         routed = self.experts(flat, top_idx, top_w)
         return (routed + self.shared_experts(flat)).reshape(shape)
+
+
+def gather_experts_on_device(model: nn.Module) -> bool:
+    """Switch every MoE layer's experts to choosing on the device in one-token steps, if every
+    layer's store can (resident experts, float or quantized: they have `gather_on_device`; an
+    offloaded store reads the ids on the host by design). Returns whether it did: if so, a decode
+    step reads nothing on the host and a CUDA graph can hold it."""
+    stores = [module.experts for module in model.modules() if isinstance(module, MoEBlock)]
+    if not stores or not all(hasattr(store, "gather_on_device") for store in stores):
+        return False
+    for store in stores:
+        store.gather_on_device()
+    return True

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from quant import Prepared, QuantizedLinear, Scheme, slice_packed
+from quant import Prepared, QuantizedLinear, Scheme, StackedPrepared, slice_packed, stack_prepared
 
 from .moe import RoutedExperts, one_token_routed_sum, routed_sum, swiglu
 from .quant_targets import (
@@ -48,6 +48,8 @@ class QuantizedRoutedExperts(nn.Module):
         scheme.weight_shape(fc2)  # checks fc2's packed form now, even when nothing is prepared yet
         self.fc1: list[Prepared] = []
         self.fc2: list[Prepared] = []
+        self._stacks: tuple[StackedPrepared, StackedPrepared] | None = None  # fc1/fc2's blocks
+        self.gathers = False  # see gather_on_device
         if device is not None:
             self.prepare_for(device)
 
@@ -55,26 +57,65 @@ class QuantizedRoutedExperts(nn.Module):
         mm = self.scheme.matmul
         return mm(swiglu(mm(x, self.fc1[expert])), self.fc2[expert])
 
+    def forward(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+        if self.gathers and x.shape[0] == 1:
+            return self._gathered(x, top_idx, top_w)
+        return self._dispatch_on_host(x, top_idx, top_w)
+
     # Not traced by torch.compile: the dispatch reads the expert ids on the host, and a traced
     # read would specialise the graph on them (a recompile per expert set). Compiled decode runs
     # it eagerly between the graphs before and after it.
     @torch.compiler.disable
-    def forward(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
-        if not self.fc1:
-            raise RuntimeError("these experts are staged in host memory: place the model before running it")
+    def _dispatch_on_host(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+        self._check_placed()
         if x.shape[0] == 1 and x.device.type == "cpu":
             mm = self.scheme.matmul
-            return one_token_routed_sum(x, top_idx, top_w, lambda e, xe: mm(xe, self.fc1[e]),
+            return one_token_routed_sum(x, top_idx[0].tolist(), top_w, lambda e, xe: mm(xe, self.fc1[e]),
                                         lambda e, a: mm(a, self.fc2[e]))
         return routed_sum(x, top_idx, top_w, self.num_experts, self.run_expert)
 
+    def _gathered(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+        """One token, its experts' kernel tensors copied out by device index: no host read."""
+        stack1, stack2 = self._stacks
+        w1, w2 = stack1.gather(top_idx[0]), stack2.gather(top_idx[0])
+        mm = self.scheme.matmul
+        return one_token_routed_sum(x, range(len(w1)), top_w, lambda j, xe: mm(xe, self.fc1[0], w1[j]),
+                                    lambda j, a: mm(a, self.fc2[0], w2[j]))
+
+    def gather_on_device(self) -> None:
+        """From now on a one-token step gathers its experts on the device (quant.stacked) instead
+        of reading their ids on the host; experts prepared for a GPU are stacked already."""
+        self._check_placed()
+        if self._stacks is None:
+            self._stacks = (stack_prepared(self.fc1, self.num_experts), stack_prepared(self.fc2, self.num_experts))
+            self.fc1, self.fc2 = list(self._stacks[0].experts), list(self._stacks[1].experts)
+        self.gathers = True
+
+    def _check_placed(self) -> None:
+        if not self.fc1:
+            raise RuntimeError("these experts are staged in host memory: place the model before running it")
+
     def prepare_for(self, device: torch.device | str) -> None:
-        """Prepare every expert for `device` (kernel layouts differ per device type)."""
+        """Prepare every expert for `device` (kernel layouts differ per device type).
+
+        On a GPU straight into stacked blocks (one allocation per matrix kind, ready for
+        gather_on_device); on the CPU each expert on its own, where a prepared weight may be a
+        view of the stored form (int8: the checkpoint's mapped pages) that stacking would copy."""
         fc1, fc2 = _still_packed(self._packed)
-        self.fc1 = [self.scheme.prepare(slice_packed(fc1, e), device, self.dtype) for e in range(self.num_experts)]
-        self.fc2 = [self.scheme.prepare(slice_packed(fc2, e), device, self.dtype) for e in range(self.num_experts)]
+        self._stacks = None
+        if torch.device(device).type == "cpu":
+            self.fc1 = [self.scheme.prepare(slice_packed(fc1, e), device, self.dtype) for e in range(self.num_experts)]
+            self.fc2 = [self.scheme.prepare(slice_packed(fc2, e), device, self.dtype) for e in range(self.num_experts)]
+        else:
+            self._stacks = tuple(
+                stack_prepared((self.scheme.prepare(slice_packed(p, e), device, self.dtype)
+                                for e in range(self.num_experts)), self.num_experts)
+                for p in (fc1, fc2))
+            self.fc1, self.fc2 = list(self._stacks[0].experts), list(self._stacks[1].experts)
         if not keeps_packed(device):
             self._packed = None
+        if self.gathers:
+            self.gather_on_device()  # stacks CPU experts too
 
     def expert_codec(self):
         """How the offload engine moves and runs these experts (runtime.offload.codec)."""

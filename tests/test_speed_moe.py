@@ -1,8 +1,9 @@
 """The fast MoE dispatches against a hand loop over every (token, choice) pair (ARIA_SPEC §2.5).
 
-Three dispatches must give the same routed sum: routed_sum (host counts, any expert store),
-grouped_routed_sum (device-side group offsets + F.grouped_mm) and one_token_routed_sum (decode on
-the CPU). The reference here is the formula itself, written as plainly as possible.
+Every dispatch must give the same routed sum: routed_sum (host counts, any expert store),
+grouped_routed_sum (device-side group offsets + F.grouped_mm), one_token_routed_sum (decode on
+the CPU) and gathered_routed_sum (decode choosing on the device, for CUDA graphs). The reference
+here is the formula itself, written as plainly as possible.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 from runtime.moe import (
     float_routed_sum,
+    gathered_routed_sum,
     grouped_routed_sum,
     one_token_routed_sum,
     routed_sum,
@@ -68,8 +70,9 @@ def test_every_dispatch_equals_the_hand_loop(n, experts):
     torch.testing.assert_close(grouped_routed_sum(x, idx, w, fc1, fc2), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(float_routed_sum(x, idx, w, fc1, fc2), expected, atol=1e-5, rtol=1e-5)
     if n == 1:
-        one = one_token_routed_sum(x, idx, w, lambda e, xe: xe @ fc1[e], lambda e, a: a @ fc2[e])
+        one = one_token_routed_sum(x, idx[0].tolist(), w, lambda e, xe: xe @ fc1[e], lambda e, a: a @ fc2[e])
         torch.testing.assert_close(one, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gathered_routed_sum(x, idx, w, fc1, fc2), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("n", [1, 9])
@@ -123,6 +126,22 @@ def test_grouped_dispatch_traces_into_one_graph_without_host_sync():
     w = w.to(torch.bfloat16)
     traced = torch.compile(grouped_routed_sum, fullgraph=True, backend="eager", dynamic=False)
     torch.testing.assert_close(traced(x, idx, w, fc1, fc2), grouped_routed_sum(x, idx, w, fc1, fc2), atol=0, rtol=0)
+
+
+def test_gathered_dispatch_traces_into_one_graph_and_compiles_once_for_any_experts():
+    """The ids stay on the device: one graph, and new expert choices reuse it (no specialising)."""
+    from torch._dynamo.utils import counters
+
+    fc1, fc2 = weights()
+    torch._dynamo.reset()
+    counters.clear()
+    traced = torch.compile(gathered_routed_sum, fullgraph=True, backend="eager", dynamic=False)
+    for seed in range(4):
+        x = torch.randn(1, H, generator=torch.Generator().manual_seed(seed))
+        idx, w = routing(1, seed=seed)
+        torch.testing.assert_close(traced(x, idx, w, fc1, fc2), by_hand(x, idx, w, fc1, fc2).float(),
+                                   atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,0 +1,129 @@
+"""A decode step that a CUDA graph can hold, checked on the CPU through the same code.
+
+`ready_for_graphs` is what compiled decode runs on a GPU before capturing graphs. Here:
+- every resident expert store (float, int8, int4, nf4) switches to choosing its experts on the
+  device; the step then traces into one graph (fullgraph refuses any host read), is traced once
+  whatever experts later tokens choose, and gives the logits of the step that reads the ids on the host;
+- every tensor the graph reads, except the token and its position, is at a fixed address (a
+  graph replays on fixed addresses and would copy anything else in on every replay);
+- a model with offloaded experts cannot: it is left as it was and gets no graphs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch._dynamo.utils import counters, get_static_address_type
+
+from quant import get_scheme
+from runtime.generate import Session, decode_logits, ready_for_graphs
+from runtime.model import build_model, init_random_weights
+from runtime.offload import apply_offload
+from runtime.placement import plan_placement
+from runtime.quantized_model import quantize_model
+from runtime.tiny_checkpoint import tiny_config
+
+# Widths every scheme's kernels accept; 4 experts of 8 so that tokens choose different ones.
+CONFIG = tiny_config(hidden_size=128, moe_intermediate_size=128, vocab_size=256, num_hidden_layers=2)
+STORES = ["float", "int8", "int4", "nf4"]
+PROMPT = torch.randint(10, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+TOKENS = [17, 203, 64, 99, 5]
+
+
+@pytest.fixture(scope="module")
+def base():
+    return init_random_weights(build_model(CONFIG, device="cpu"), seed=3)
+
+
+def with_store(base, store: str, dtype=torch.float32):
+    model = copy.deepcopy(base).to(dtype)
+    if store != "float":
+        quantize_model(model, get_scheme(store), dtype)
+    return model
+
+
+def prefilled(model):
+    cache = model.new_cache(32)
+    with torch.inference_mode():
+        model(PROMPT, cache, 0)
+    return cache
+
+
+def static_steps(model, cache, step=decode_logits):
+    """Logits of TOKENS fed one by one after the prompt, positions on the device (the graph's form)."""
+    with torch.inference_mode():
+        return [step(model, torch.tensor([[t]]), cache, torch.tensor([PROMPT.shape[1] + i]))
+                for i, t in enumerate(TOKENS)]
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_a_graph_ready_step_is_one_graph_for_any_experts_and_gives_the_host_read_logits(base, store):
+    model = with_store(base, store)
+    expected = static_steps(model, prefilled(model))
+    cache = prefilled(model)
+    assert ready_for_graphs(model, cache)
+    torch._dynamo.reset()
+    counters.clear()
+    traced = torch.compile(decode_logits, fullgraph=True, dynamic=False, backend="eager")
+    got = static_steps(model, cache, traced)
+    assert counters["stats"]["unique_graphs"] == 1
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    chosen = {tuple(layer.mlp.route(torch.randn(1, 128))[0][0].tolist()) for layer in model.language_model.model.layers
+              for _ in range(8)}
+    assert len(chosen) > 1  # the routers do pick different experts, so one graph serves several choices
+
+
+@pytest.mark.parametrize("store", ["int4", "nf4"])
+def test_gathered_bfloat16_kernel_layouts_give_the_host_read_logits(base, store):
+    """bf16 prepares other CPU layouts (int4's bf16 scales, nf4's fused-kernel tiles)."""
+    model = with_store(base, store, torch.bfloat16)
+    expected = static_steps(model, prefilled(model))
+    cache = prefilled(model)
+    assert ready_for_graphs(model, cache)
+    traced = torch.compile(decode_logits, fullgraph=True, dynamic=False, backend="eager")
+    for g, e in zip(static_steps(model, cache, traced), expected, strict=True):
+        torch.testing.assert_close(g, e, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("store", ["float", "int4"])
+def test_a_graph_ready_step_reads_nothing_but_the_token_and_position_from_moving_addresses(base, store):
+    model = with_store(base, store)
+    cache = prefilled(model)
+    assert ready_for_graphs(model, cache)
+    inputs, code = [], []
+
+    def record(graph, example_inputs):
+        inputs.extend(example_inputs)
+        code.append(str(graph.graph))
+        return graph.forward
+
+    torch._dynamo.reset()
+    static_steps(model, cache, torch.compile(decode_logits, fullgraph=True, dynamic=False, backend=record))
+    moving = [t for t in inputs if isinstance(t, torch.Tensor) and get_static_address_type(t) is None]
+    assert sorted(tuple(t.shape) for t in moving) == [(1,), (1, 1)]  # the position and the token
+    assert len(inputs) > 2 * CONFIG.text.num_hidden_layers  # weights and cache are inputs too, all static
+    # Float experts are in the graph itself, not behind the opaque op that reads the host on a GPU.
+    assert "float_routed_sum" not in "".join(code) and "index_select" in "".join(code)
+
+
+def test_compiled_generation_with_graph_ready_experts_gives_the_eager_tokens(base):
+    model = with_store(base, "int8")
+    ids = PROMPT[0].tolist()
+    expected = list(Session(model, 40).generate(ids, max_new_tokens=10))
+    session = Session(model, 40, compile="aot_eager")
+    assert ready_for_graphs(model, session.cache)
+    assert list(session.generate(ids, max_new_tokens=10)) == expected
+
+
+def test_offloaded_experts_leave_the_model_as_it_was(base):
+    model = with_store(base, "int8")
+    plan = plan_placement(CONFIG, 1 << 40, context=32, scheme=get_scheme("int8"), dtype=torch.float32,
+                          expert_slots=3)
+    apply_offload(model, plan, "cpu", "cpu", miss_policy="fetch")
+    cache = prefilled(model)
+    assert not ready_for_graphs(model, cache)
+    assert all(get_static_address_type(t) is None for t in cache.keys + cache.values)
+    assert not any(getattr(m, "gathers", False) for m in model.modules())
