@@ -148,7 +148,7 @@ def plan_for(opts: RunOptions, config: AriaConfig, device: torch.device, dtype: 
     plan = plan_placement(config, budget, context=context, scheme=checkpoint_scheme(config, opts.quant),
                           dtype=dtype, cpu_moe=opts.cpu_moe, n_cpu_moe=opts.n_cpu_moe,
                           expert_slots=opts.expert_slots,
-                          quantized=families_to_load(config.quantization, opts.quant_lm_head))
+                          quantized=families_to_load(config.quantization, opts.quant_lm_head), compiled=opts.compile)
     problem = host_memory_problem(plan)
     if problem and plan.host_layout_copy_bytes:
         # int4/nf4 keep a second host copy of each cached expert only to compute misses on the

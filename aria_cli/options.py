@@ -85,6 +85,7 @@ class PlacementOptions(HubOptions):
     n_cpu_moe: int
     max_context: int
     expert_slots: int | None
+    compile: bool  # compiled decode: CUDA graphs need their own memory
 
 
 _GEN, _RUN, _HUB, _OUT = "Generation", "Runtime", "Hub", "Output"

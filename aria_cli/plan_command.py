@@ -111,7 +111,7 @@ def plan(
     bandwidth = Bandwidths(device=gpu_bandwidth, pcie=pcie_bandwidth, cpu=cpu_bandwidth)
     placement = {"context": context, "dtype": dtype, "cpu_moe": opts.cpu_moe, "n_cpu_moe": opts.n_cpu_moe,
                  "expert_slots": opts.expert_slots, "bandwidth": bandwidth,
-                 "quantized": families_to_load(config.quantization, opts.quant_lm_head)}
+                 "quantized": families_to_load(config.quantization, opts.quant_lm_head), "compiled": opts.compile}
     budget = opts.gpu_memory
     if budget is None:
         from runtime.device import free_memory

@@ -154,6 +154,11 @@ def worker_ours(args) -> dict:
         runs.append((clock.seconds(t0, t1), clock.seconds(t1, t2), first + rest))
     out = _summary(runs[1:], len(ids))
     out.update(_memory(args.device, baseline), load_s=load_s, compile_s=session.compile_seconds)
+    if args.compile:
+        from torch._dynamo.utils import counters
+
+        # Inductor drops CUDA graphs with only a log line when something in the step cannot be captured.
+        out["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
     if not args.quant:
         out.update(roofline(model, clock, args.repeats))
     return out
@@ -366,7 +371,7 @@ def _report(rows: dict, args) -> None:
         compiled = rows.get(("compiled", dtype))
         if compiled and "error" not in compiled:
             print(f"  {'':<9} compiled decode x{compiled['decode_tps'] / ref['decode_tps']:.2f} of the reference "
-                  f"(compile {compiled['compile_s']:.1f} s, once per session)")
+                  f"(compile {compiled['compile_s']:.1f} s, once per session{_graph_note(compiled, args)})")
     bf16 = rows.get(("ours", "bfloat16"))
     for quant in args.quant:
         q = rows.get(("ours", quant))
@@ -375,9 +380,16 @@ def _report(rows: dict, args) -> None:
         compiled = rows.get(("compiled", quant))
         if q and "error" not in q and compiled and "error" not in compiled:
             print(f"  {quant} compiled decode / eager: x{compiled['decode_tps'] / q['decode_tps']:.2f} "
-                  f"(compile {compiled['compile_s']:.1f} s)")
+                  f"(compile {compiled['compile_s']:.1f} s{_graph_note(compiled, args)})")
     if not args.quant:
         print("  (no int8/int4 rows: pass --quant int8 int4)")
+
+
+def _graph_note(row: dict, args) -> str:
+    if not args.device.startswith("cuda"):
+        return ""
+    skips = row.get("cudagraph_skips", 0)
+    return f"; CUDA graphs skipped {skips} time(s): see TORCH_LOGS=perf_hints" if skips else "; in CUDA graphs"
 
 
 def main() -> None:

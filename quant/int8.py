@@ -73,8 +73,9 @@ class Int8Scheme(Scheme):
     ) -> tuple[dict[str, Tensor], Kernel]:
         # Not aten._weight_int8pack_mm: on CUDA it is a reference kernel (one thread per output,
         # each reading its own weight row, so a warp's loads are K bytes apart, in float32).
-        # The dequantize-and-GEMM form is gpt-fast's and torchao's int8 recipe: torch.compile
-        # fuses it into one kernel that reads the int8 codes; eager runs it on cuBLAS.
+        # The dequantize-and-GEMM form is gpt-fast's and torchao's int8 recipe: compiled decode
+        # fuses it into one kernel that reads the int8 codes (with inductor's coordinate descent
+        # tuning on, as compiled decode on a GPU sets it); eager runs it on cuBLAS.
         tensors = {"qdata": packed["qdata"].contiguous(), "scale": packed["scale"].to(dtype)}
         return tensors, _dequantized_gemm
 

@@ -205,7 +205,13 @@ def _compile_decode(model: AriaForConditionalGeneration, cache, backend: str):
     resident ones unless switched to gathering) is left out of the trace and runs eagerly
     between the graphs before and after it, the same graphs for every token (tests check both).
     """
-    graphs = model.device.type == "cuda" and backend == "inductor" and ready_for_graphs(model, cache)
+    gpu = model.device.type == "cuda" and backend == "inductor"
+    if gpu:
+        # One-row products become fused reductions only with this on (inductor's mm decomposition):
+        # a gathered expert's weights and int8's dequantized codes are then read in place, not
+        # written out first (gpt-fast's setting; process-wide, as inductor's config is).
+        torch._inductor.config.coordinate_descent_tuning = True
+    graphs = gpu and ready_for_graphs(model, cache)
     return torch.compile(decode_logits, dynamic=False, backend=backend, mode="reduce-overhead" if graphs else None)
 
 

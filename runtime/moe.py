@@ -17,8 +17,9 @@ Float experts dispatch in `float_routed_sum`:
   one F.grouped_mm per projection, so no step waits for the host (GPU decode and any prefill);
 - where F.grouped_mm would wait for the host anyway (CUDA without PyTorch's grouped kernel:
   anything but bf16 on SM90/SM100): routed_sum, which reads the counts once per layer; or, once
-  `gather_experts_on_device` has switched the model over for a CUDA graph, one-token steps copy
-  their k experts' weights out by device index (`gathered_routed_sum`; quantized experts too).
+  `gather_experts_on_device` has switched the model over for a CUDA graph, compiled one-token
+  steps copy their k experts' weights out by device index (`gathered_routed_sum`; quantized
+  experts too).
 """
 
 from __future__ import annotations
@@ -226,15 +227,20 @@ class RoutedExperts(nn.Module):
         self.gathers = False  # see gather_on_device
 
     def gather_on_device(self) -> None:
-        """From now on a one-token step takes its experts' weights by device index
-        (gathered_routed_sum) where grouped_mm would read the group sizes on the host."""
+        """From now on a compiled one-token step takes its experts' weights by device index
+        (gathered_routed_sum) where grouped_mm would read the group sizes on the host. Eager
+        steps keep their dispatch: the copy only pays where it lets a CUDA graph hold the step."""
         self.gathers = True
+
+    def can_gather_on_device(self) -> bool:
+        return True
 
     def run_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         return swiglu_expert(x, self.fc1.weight[expert], self.fc2.weight[expert])
 
     def forward(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
-        if self.gathers and x.shape[0] == 1 and not (x.device.type != "cpu" and grouped_mm_supported(x)):
+        if (self.gathers and x.shape[0] == 1 and torch.compiler.is_compiling()
+                and not (x.device.type != "cpu" and grouped_mm_supported(x))):
             return gathered_routed_sum(x, top_idx, top_w, self.fc1.weight, self.fc2.weight)
         if torch.compiler.is_compiling():
             return _float_routed_sum_op(x, top_idx, top_w, self.fc1.weight, self.fc2.weight)
@@ -278,12 +284,12 @@ class MoEBlock(nn.Module):
 
 
 def gather_experts_on_device(model: nn.Module) -> bool:
-    """Switch every MoE layer's experts to choosing on the device in one-token steps, if every
-    layer's store can (resident experts, float or quantized: they have `gather_on_device`; an
-    offloaded store reads the ids on the host by design). Returns whether it did: if so, a decode
-    step reads nothing on the host and a CUDA graph can hold it."""
+    """Switch every MoE layer's experts to choosing on the device in compiled one-token steps, if
+    every layer's store can (placed resident experts, float or quantized; an offloaded store
+    reads the ids on the host by design). Returns whether it did, having switched all or none:
+    if so, a compiled decode step reads nothing on the host and a CUDA graph can hold it."""
     stores = [module.experts for module in model.modules() if isinstance(module, MoEBlock)]
-    if not stores or not all(hasattr(store, "gather_on_device") for store in stores):
+    if not stores or not all(getattr(store, "can_gather_on_device", lambda: False)() for store in stores):
         return False
     for store in stores:
         store.gather_on_device()

@@ -93,6 +93,7 @@ class Plan:
     prefill_chunk: int
     miss_policy: str = "auto"
     bandwidth: Bandwidths = Bandwidths()
+    graph_bytes: int = 0  # compiled decode's CUDA graphs (graph_pool_bytes), when it has them
 
     # ----- device and host bytes ---------------------------------------------------------------
 
@@ -118,8 +119,8 @@ class Plan:
 
     @property
     def device_bytes(self) -> int:
-        return (self.dense_bytes + self.kv_bytes + self.workspace_bytes + self.resident_expert_bytes
-                + self.slot_total_bytes + self.stream_bytes)
+        return (self.dense_bytes + self.kv_bytes + self.workspace_bytes + self.graph_bytes
+                + self.resident_expert_bytes + self.slot_total_bytes + self.stream_bytes)
 
     @property
     def host_store_bytes(self) -> int:
@@ -194,6 +195,7 @@ class Plan:
             "dense_bytes": self.dense_bytes,
             "kv_bytes": self.kv_bytes,
             "workspace_bytes": self.workspace_bytes,
+            "graph_bytes": self.graph_bytes,
             "resident_expert_bytes": self.resident_expert_bytes,
             "slot_bytes": self.slot_bytes,
             "slot_total_bytes": self.slot_total_bytes,
@@ -243,6 +245,13 @@ def workspace_bytes(
     return max(text, vision) + prompt + RUNTIME_RESERVE
 
 
+def graph_pool_bytes(t: TextConfig, weights: WeightBytes) -> int:
+    """Memory of compiled decode's CUDA graphs, on top of the workspace: a graph keeps its own
+    pool, which eager work cannot reuse, and a step there copies each layer's chosen experts out
+    (runtime.moe, gathering on the device); two layers' copies may be alive at once."""
+    return 2 * t.moe_topk * weights.expert
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -273,10 +282,12 @@ def plan_placement(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     image_crops: int = DEFAULT_IMAGE_CROPS,
     quantized: tuple[str, ...] = QUANTIZED_FAMILIES,
+    compiled: bool = False,
 ) -> Plan:
     """Decide where everything lives on a device with `budget` bytes (raises PlacementError if
     nothing fits, UsageError for flags out of range). `scheme` None = float weights in `dtype`;
-    `quantized`: the families it packs (runtime.quant_targets)."""
+    `quantized`: the families it packs (runtime.quant_targets); `compiled`: decode runs compiled,
+    which with every expert resident means CUDA graphs (see graph_pool_bytes)."""
     t = config.text
     n_layers, n_experts = t.num_hidden_layers, t.moe_num_experts
     _check_flags(t, budget, context, n_cpu_moe, expert_slots, miss_policy)
@@ -290,15 +301,16 @@ def plan_placement(
     n_gpu = n_layers - n_host
     fixed = weights.dense + kv + work
 
-    def make(where_slots: list[tuple[str, int]], stream: int) -> Plan:
+    def make(where_slots: list[tuple[str, int]], stream: int, graphs: int = 0) -> Plan:
         host = [LayerPlacement(i, HOST, 0) for i in range(n_host)]
         rest = [LayerPlacement(n_host + i, w, s) for i, (w, s) in enumerate(where_slots)]
         return Plan(label, dtype, context, budget, weights, kv, work, slot, stream, tuple(host + rest),
-                    n_experts, t.moe_topk, min(context, prefill_chunk), miss_policy, bandwidth)
+                    n_experts, t.moe_topk, min(context, prefill_chunk), miss_policy, bandwidth, graphs)
 
     all_resident = n_gpu * n_experts * weights.expert
-    if expert_slots in (None, n_experts) and fixed + all_resident <= budget:
-        return make([(DEVICE, n_experts)] * n_gpu, 0)
+    graphs = graph_pool_bytes(t, weights) if compiled and not n_host else 0
+    if expert_slots in (None, n_experts) and fixed + graphs + all_resident <= budget:
+        return make([(DEVICE, n_experts)] * n_gpu, 0, graphs)
     stream = STREAM_BUFFERS if n_gpu else 0
     room = budget - fixed - stream * slot
     if room < 0:

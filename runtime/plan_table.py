@@ -41,6 +41,8 @@ def plan_rows(plan: Plan) -> list[tuple[str, str, str]]:
         (f"workspace ({plan.prefill_chunk}-token prefill chunks, runtime reserve)", "GPU",
          human_size(plan.workspace_bytes)),
     ]
+    if plan.graph_bytes:
+        rows.append(("compiled decode's CUDA graphs (their own memory pool)", "GPU", human_size(plan.graph_bytes)))
     for where, slots, first, last in _layer_ranges(plan.layers):
         n = last - first + 1
         experts = f"routed experts, {_span(first, last)}"

@@ -58,7 +58,7 @@ class QuantizedRoutedExperts(nn.Module):
         return mm(swiglu(mm(x, self.fc1[expert])), self.fc2[expert])
 
     def forward(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
-        if self.gathers and x.shape[0] == 1:
+        if self.gathers and x.shape[0] == 1 and torch.compiler.is_compiling():
             return self._gathered(x, top_idx, top_w)
         return self._dispatch_on_host(x, top_idx, top_w)
 
@@ -82,9 +82,13 @@ class QuantizedRoutedExperts(nn.Module):
         return one_token_routed_sum(x, range(len(w1)), top_w, lambda j, xe: mm(xe, self.fc1[0], w1[j]),
                                     lambda j, a: mm(a, self.fc2[0], w2[j]))
 
+    def can_gather_on_device(self) -> bool:
+        return bool(self.fc1)  # staged experts are not prepared anywhere yet
+
     def gather_on_device(self) -> None:
-        """From now on a one-token step gathers its experts on the device (quant.stacked) instead
-        of reading their ids on the host; experts prepared for a GPU are stacked already."""
+        """From now on a compiled one-token step gathers its experts on the device (quant.stacked)
+        instead of reading their ids on the host (eager steps keep doing that: no copy there);
+        experts prepared for a GPU are stacked already."""
         self._check_placed()
         if self._stacks is None:
             self._stacks = (stack_prepared(self.fc1, self.num_experts), stack_prepared(self.fc2, self.num_experts))

@@ -60,7 +60,7 @@ def test_gpu_memory_above_what_is_free_plans_for_what_is_free(monkeypatch, capsy
     monkeypatch.setattr(device_helpers, "free_memory", lambda device: 20 * GIB)
     monkeypatch.setattr(device_helpers, "available_host_memory", lambda: 256 * GIB)
     opts = SimpleNamespace(cpu_moe=False, n_cpu_moe=0, expert_slots=None, gpu_memory=24 * GIB, quant="int4",
-                           quant_lm_head=False)
+                           quant_lm_head=False, compile=False)
     config = AriaConfig.from_dict(aria_config_dict())
     plan = assistant_loader.plan_for(opts, config, torch.device("cuda", 0), torch.bfloat16, 8192)
     assert plan.budget == 20 * GIB
@@ -78,7 +78,7 @@ def test_a_plan_whose_pinned_experts_do_not_fit_cpu_memory_is_refused_before_loa
     monkeypatch.setattr(device_helpers, "free_memory", lambda device: 24 * GIB)
     config = AriaConfig.from_dict(aria_config_dict())
     opts = SimpleNamespace(cpu_moe=False, n_cpu_moe=0, expert_slots=None, gpu_memory=None, quant="none",
-                           quant_lm_head=False)
+                           quant_lm_head=False, compile=False)
     monkeypatch.setattr(device_helpers, "available_host_memory", lambda: 30 * GIB)
     with pytest.raises(PlacementError, match=r"keeps 4\d\.\d GB of experts in CPU memory, but only 32\.2 GB is "
                                              r"available; use --quant int8 or int4, or free some memory"):
@@ -105,7 +105,7 @@ def test_int4_cached_experts_keep_one_host_copy_when_two_do_not_fit(monkeypatch)
     monkeypatch.setattr(device_helpers, "free_memory", lambda device: 16 * GIB)
     config = AriaConfig.from_dict(aria_config_dict())
     opts = SimpleNamespace(cpu_moe=False, n_cpu_moe=0, expert_slots=None, gpu_memory=None, quant="int4",
-                           quant_lm_head=False)
+                           quant_lm_head=False, compile=False)
     monkeypatch.setattr(device_helpers, "available_host_memory", lambda: 256 * GIB)
     roomy = assistant_loader.plan_for(opts, config, torch.device("cuda", 0), torch.bfloat16, 8192)
     assert roomy.miss_policy == "auto" and roomy.host_layout_copy_bytes > 0

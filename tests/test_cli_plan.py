@@ -75,6 +75,14 @@ def test_json_is_the_plan_as_data():
     assert out == {"model": "aria", "config": "rhymes-ai/Aria, built-in config", **wanted}
 
 
+def test_compile_plans_for_the_decode_graphs_too():
+    result = plan("--gpu-memory", "24GiB", "--quant", "int4", "--compile", "--json")
+    assert result.exit_code == 0
+    wanted = json.loads(json.dumps(plan_placement(ARIA, 24 * GIB, scheme="int4", compiled=True).to_dict()))
+    assert json.loads(result.stdout) == {"model": "aria", "config": "rhymes-ai/Aria, built-in config", **wanted}
+    assert wanted["graph_bytes"] > 0
+
+
 def test_impossible_budget_is_one_line_error():
     result = plan("--gpu-memory", "4GiB", "--quant", "int4")
     assert result.exit_code == 1 and result.stdout == ""

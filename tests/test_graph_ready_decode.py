@@ -88,25 +88,35 @@ def test_gathered_bfloat16_kernel_layouts_give_the_host_read_logits(base, store)
         torch.testing.assert_close(g, e, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("store", ["float", "int4"])
+@pytest.mark.parametrize("store", STORES)
 def test_a_graph_ready_step_reads_nothing_but_the_token_and_position_from_moving_addresses(base, store):
+    """What inductor's CUDA graph code is handed: the inputs it may assume fixed (the rest it
+    copies in before every replay) and the inputs the step writes (only fixed ones may be)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._guards import TracingContext
+
     model = with_store(base, store)
     cache = prefilled(model)
     assert ready_for_graphs(model, cache)
-    inputs, code = [], []
+    seen = {}
 
-    def record(graph, example_inputs):
-        inputs.extend(example_inputs)
-        code.append(str(graph.graph))
-        return graph.forward
+    def inspect(graph, inputs):
+        meta = TracingContext.try_get().fw_metadata
+        seen["inputs"], seen["static"] = inputs, set(meta.static_input_indices)
+        seen["mutated"] = {i for i, info in enumerate(meta.input_info) if info.mutates_data}
+        seen["code"] = str(graph.graph)
+        return graph
 
     torch._dynamo.reset()
-    static_steps(model, cache, torch.compile(decode_logits, fullgraph=True, dynamic=False, backend=record))
-    moving = [t for t in inputs if isinstance(t, torch.Tensor) and get_static_address_type(t) is None]
-    assert sorted(tuple(t.shape) for t in moving) == [(1,), (1, 1)]  # the position and the token
-    assert len(inputs) > 2 * CONFIG.text.num_hidden_layers  # weights and cache are inputs too, all static
-    # Float experts are in the graph itself, not behind the opaque op that reads the host on a GPU.
-    assert "float_routed_sum" not in "".join(code) and "index_select" in "".join(code)
+    backend = aot_autograd(fw_compiler=inspect, keep_inference_input_mutations=True)
+    static_steps(model, cache, torch.compile(decode_logits, fullgraph=True, dynamic=False, backend=backend))
+    inputs, static = seen["inputs"], seen["static"]
+    moving = [tuple(t.shape) for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and i not in static]
+    assert sorted(moving) == [(1,), (1, 1)]  # the position and the token
+    assert len(static) > 2 * CONFIG.text.num_hidden_layers  # weights and the cache
+    assert seen["mutated"] and seen["mutated"] <= static  # the cache, written in place
+    # The experts are in the graph itself, not behind the opaque op that reads the host on a GPU.
+    assert "float_routed_sum" not in seen["code"] and "index_select" in seen["code"]
 
 
 def test_compiled_generation_with_graph_ready_experts_gives_the_eager_tokens(base):

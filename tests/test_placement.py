@@ -258,3 +258,21 @@ def test_schemes_whose_cuda_product_dequantizes_reserve_their_largest_matrix(ari
     int8 = plan_placement(aria, 80 * GIB, context=8192, scheme="int8")
     int4 = plan_placement(aria, 80 * GIB, context=8192, scheme="int4")
     assert int8.workspace_bytes - int4.workspace_bytes == fc1 * 2
+
+
+def test_compiled_decode_reserves_its_graphs_only_when_every_expert_is_resident(aria):
+    """Graphs keep their own memory pool, where a step copies each layer's k chosen experts out
+    (two layers' worth may be alive): counted apart from the workspace, and only where the plan
+    keeps every expert resident (offloaded experts get no graphs)."""
+    eager = plan_placement(aria, 24 * GIB, scheme="int4")
+    compiled = plan_placement(aria, 24 * GIB, scheme="int4", compiled=True)
+    assert all(lp.where == DEVICE for lp in eager.layers + compiled.layers)
+    assert eager.graph_bytes == 0
+    assert compiled.graph_bytes == 2 * aria.text.moe_topk * eager.expert_bytes
+    assert compiled.device_bytes == eager.device_bytes + compiled.graph_bytes
+    assert "compiled decode's CUDA graphs" in " ".join(row[0] for row in plan_rows(compiled))
+    squeezed = plan_placement(aria, eager.device_bytes, scheme="int4", compiled=True)  # no room for graphs
+    assert squeezed.graph_bytes == 0 and any(lp.where == CACHE for lp in squeezed.layers)
+    assert squeezed.device_bytes <= eager.device_bytes
+    offloaded = plan_placement(aria, 24 * GIB, scheme="int8", compiled=True)
+    assert offloaded.graph_bytes == 0 and any(lp.where == CACHE for lp in offloaded.layers)
