@@ -87,10 +87,18 @@ class Int8Scheme(Scheme):
 
 
 def _mm_cpu(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
+    # The kernel also crashes (bfloat16) on activations off a 32-byte boundary, e.g. one row
+    # sliced out of a wider tensor, which still counts as contiguous.
+    if x.data_ptr() % CPU_KERNEL_ALIGNMENT:
+        x = x.clone()
     return torch.ops.aten._weight_int8pack_mm(x, tensors["qdata"], tensors["scale"])
 
 
 def _dequantized_gemm(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
     # The codes convert exactly (|q| <= 128 fits any float mantissa); the per-row scale applies
-    # to the output, so the weight is never scaled.
-    return F.linear(x, tensors["qdata"].to(x.dtype)) * tensors["scale"].to(x.dtype)
+    # to the output, so the weight is never scaled. Except in float16, whose range (65504) a
+    # sum over raw codes, up to 128 times each input, overflows where the scaled product fits.
+    qdata, scale = tensors["qdata"].to(x.dtype), tensors["scale"].to(x.dtype)
+    if x.dtype == torch.float16:
+        return F.linear(x, qdata * scale[:, None])
+    return F.linear(x, qdata) * scale

@@ -131,11 +131,10 @@ def _dequantize_then_linear_tensors(packed: dict[str, Tensor]) -> dict[str, Tens
 
 
 def _dequantize_then_linear(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
-    qdata = tensors["qdata"]
+    # bitsandbytes reads raw memory as if contiguous; the CPU GEMM path gets the caller's views.
+    qdata, absmax = tensors["qdata"].contiguous(), tensors["absmax"].contiguous()
     shape = [qdata.shape[0], qdata.shape[1] * 2]
-    weight = torch.ops.bitsandbytes.dequantize_4bit(
-        qdata, tensors["absmax"], BLOCK_SIZE, "nf4", shape, x.dtype
-    )
+    weight = torch.ops.bitsandbytes.dequantize_4bit(qdata, absmax, BLOCK_SIZE, "nf4", shape, x.dtype)
     return F.linear(x, weight)
 
 

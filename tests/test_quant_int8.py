@@ -102,3 +102,29 @@ def test_bfloat16_cpu_product_is_right_at_widths_the_kernel_cannot_take():
         got = SCHEME.matmul(x, SCHEME.prepare(packed, "cpu", torch.bfloat16)).double()
         exact = x.double() @ SCHEME.dequantize(packed).double().T
         assert (got - exact).abs().max() <= 2e-2 * exact.abs().max(), in_features
+
+
+def test_bfloat16_cpu_kernel_takes_a_row_sliced_out_of_a_wider_tensor():
+    # One row of a wider tensor counts as contiguous but can start 16 bytes off the 32-byte
+    # boundary the kernel needs (it crashed the process). Reference: float64 on the stored weight.
+    packed = SCHEME.quantize(torch.randn(16, 64, generator=torch.Generator().manual_seed(2)))
+    prepared = SCHEME.prepare(packed, "cpu", torch.bfloat16)
+    wide = torch.randn(1, 128, generator=torch.Generator().manual_seed(3)).bfloat16()
+    for start in (8, 16, 24):
+        x = wide[:, start : start + 64]
+        assert x.is_contiguous()
+        exact = x.double() @ SCHEME.dequantize(packed).double().T
+        assert (SCHEME.matmul(x, prepared).double() - exact).abs().max() <= 2e-2 * exact.abs().max()
+
+
+def test_float16_product_of_many_rows_does_not_overflow_where_the_answer_fits():
+    # Summing raw codes (up to 128 x each input) passes float16's 65504 long before the scaled
+    # product does; a prefill-sized batch takes that path (the one CUDA takes for every batch).
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(4)) * 0.02
+    w[:, 0] = 0.1  # every row's largest weight meets the outlier input
+    packed = SCHEME.quantize(w)
+    x = torch.zeros(32, 64)
+    x[:, 0] = 600.0
+    exact = x.double() @ SCHEME.dequantize(packed).double().T  # about 60
+    got = SCHEME.matmul(x.half(), SCHEME.prepare(packed, "cpu", torch.float16)).double()
+    assert got.isfinite().all() and (got - exact).abs().max() <= 1e-2 * exact.abs().max()

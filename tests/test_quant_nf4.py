@@ -95,3 +95,15 @@ def test_bitsandbytes_linear4bit_agrees_with_our_matmul():
     ours = SCHEME.matmul(x, SCHEME.prepare(packed, "cpu", torch.float32))
     mag = x.abs() @ SCHEME.dequantize(packed).abs().T
     assert ((ours - theirs).abs() <= 2 * 320 * 2.0**-24 * mag).all()
+
+
+def test_a_prefill_batch_reads_non_contiguous_packed_tensors_right():
+    # From cpu_gemm_min_rows on, the product dequantizes the stored form itself (the caller's
+    # views), which bitsandbytes reads as if contiguous. Reference: float64 on the stored weight.
+    packed = SCHEME.quantize(torch.randn(64, 128, generator=torch.Generator().manual_seed(6)) * 0.02)
+    spread = torch.zeros(64, 10)[:, 3:5]  # the same absmax values, 10 floats apart
+    spread.copy_(packed["absmax"])
+    prepared = SCHEME.prepare({**packed, "absmax": spread}, "cpu", torch.float32)
+    x = torch.randn(SCHEME.cpu_gemm_min_rows, 128, generator=torch.Generator().manual_seed(7))
+    exact = x.double() @ SCHEME.dequantize(packed).double().T
+    assert (SCHEME.matmul(x, prepared).double() - exact).abs().max() <= 1e-5 * exact.abs().max()
