@@ -13,6 +13,7 @@ line each and left out, and the rest of the chat is kept.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -50,14 +51,17 @@ def transcript_json(conversation: Conversation, settings: RunOptions, model: str
 
 def save_transcript(path: Path, conversation: Conversation, settings: RunOptions, model: str) -> None:
     """Write the transcript whole or not at all (a temporary file renamed into place)."""
-    path = path.expanduser()
+    path = path.expanduser().absolute()  # `.` and `/` have no name to put the temporary file beside
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory; give a file name, e.g. /save {path / 'chat.json'}")
     text = json.dumps(transcript_json(conversation, settings, model), ensure_ascii=False, indent=2) + "\n"
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         temporary.write_text(text, encoding="utf-8")
         os.replace(temporary, path)
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # removing fails too where writing did (read-only, not a directory)
+            temporary.unlink(missing_ok=True)
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}; choose another file") from None
 
 

@@ -12,6 +12,14 @@ A new command (ask, chat, quantize, plan) lives in its own module: it takes its 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any, NoReturn
+
 from . import console
 from .ask import ask
 from .chat import chat
@@ -21,7 +29,71 @@ from .model_commands import download, models, rm
 from .plan_command import plan
 from .quantize_command import quantize
 
-app = AriaTyper(
+# `timeout`, `docker stop` and systemd send SIGTERM; closing the terminal sends SIGHUP.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Terminated(BaseException):
+    """A stop signal arrived. Raised in the main thread, it unwinds the command the way Ctrl-C does,
+    so every `finally` and `except BaseException` clean-up runs (quantize deletes its partial
+    directory, chat saves its history). Not a KeyboardInterrupt: in chat that only stops an answer
+    or discards a line, and these signals mean "stop the program"."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    for other in STOP_SIGNALS:  # a second signal must not cut the clean-up short (SIGKILL still works)
+        signal.signal(other, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_unwind() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = {}
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # e.g. under nohup, SIGHUP stays ignored
+            previous[signum] = signal.signal(signum, _raise_terminated)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _exit_terminated(stop: Terminated) -> NoReturn:
+    # 128 + the signal number (143 for SIGTERM, 129 for SIGHUP): what a shell reports for a
+    # process the signal ended, as 130 is for Ctrl-C (errors.py).
+    code = 128 + stop.signum
+    with contextlib.suppress(OSError):  # stdout's reader or (after SIGHUP) the terminal may be gone
+        sys.stdout.flush()
+    with contextlib.suppress(OSError):
+        # Not through Rich: a signal that lands inside a Rich print leaves that line in its buffer,
+        # and the next print through it would write the line again.
+        sys.stderr.write(f"terminated ({stop})\n")
+        sys.stderr.flush()
+    if any(t.is_alive() for t in threading.enumerate() if t is not threading.main_thread()):
+        os._exit(code)  # as AriaTyper after Ctrl-C: do not wait for worker threads (a download's pool)
+    sys.exit(code)
+
+
+class _StoppableTyper(AriaTyper):
+    """AriaTyper that also turns SIGTERM and SIGHUP into an orderly stop (Terminated)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            with _stop_signals_unwind():
+                return super().__call__(*args, **kwargs)
+        except Terminated as stop:
+            _exit_terminated(stop)
+
+
+app = _StoppableTyper(
     cls=AriaGroup,
     name="aria",
     help="Ask the Aria multimodal model about your images, on one GPU or on the CPU.",

@@ -15,8 +15,9 @@ import typer
 
 from quant import DEFAULT_SCHEME, get_scheme, scheme_names
 from runtime.checkpoint import open_checkpoint
-from runtime.convert import ConvertResult, quantize_checkpoint
-from runtime.errors import UsageError
+from runtime.config import load_config
+from runtime.convert import ConvertResult, checked_output, quantize_checkpoint
+from runtime.errors import ConfigError, UsageError
 from runtime.quant_targets import quantized_families
 
 from . import console
@@ -39,6 +40,23 @@ def output_dir(output: str | None, src: str, scheme: str) -> Path:
     if "/" in output or "\\" in output or output in (".", "..") or output.startswith("~"):
         return Path(output).expanduser()
     return local_models_dir() / output
+
+
+def _check_not_replacing_other_files(out: Path) -> None:
+    """--force replaces an earlier model, never a directory of something else (photos, a project)."""
+    if out.is_dir() and not _is_empty_or_model(out):
+        raise UsageError(f"{out} exists and is not an Aria model directory; choose another -o "
+                         "(--force only replaces a model directory)")
+
+
+def _is_empty_or_model(folder: Path) -> bool:
+    try:
+        if not any(folder.iterdir()):
+            return True
+        load_config(folder)
+    except (ConfigError, OSError):
+        return False
+    return True
 
 
 def _check_scheme(name: str) -> str:
@@ -93,7 +111,8 @@ def quantize(
         "--scheme", metavar="int4|int8|nf4",
         help="int4: group-wise 4-bit (smallest, fast); int8: per-channel 8-bit (closest to bf16); "
              "nf4: bitsandbytes 4-bit NormalFloat.")] = DEFAULT_SCHEME,
-    force: Annotated[bool, typer.Option("--force", help="Replace the output directory if it exists.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace the output directory if it holds a model (or nothing).")] = False,
     quant_lm_head: Annotated[bool, typer.Option(
         "--quant-lm-head", help="Quantize the lm_head too: less to read per token, a small cost in "
                                 "accuracy (kept in bf16 by default).")] = False,
@@ -108,9 +127,9 @@ def quantize(
     after (stdout) and the time and throughput (stderr).
     """
     scheme = _check_scheme(scheme)
-    out = output_dir(output, src, scheme)
-    if out.exists() and not force:  # checked again by the converter; here before any download
-        raise UsageError(f"{out} already exists; choose another -o or pass --force to replace it")
+    out = output_dir(output, src, scheme).resolve()
+    _check_not_replacing_other_files(out)
+    out = checked_output(out, force)  # checked again by the converter; here before any download
     source = resolve_model_dir(src, offline=opts.offline)
     tensors = len(open_checkpoint(source).names())
     started = time.perf_counter()
@@ -131,7 +150,7 @@ def quantize(
 
 
 def _model_arg(out: Path) -> str:
-    return out.name if out.parent == local_models_dir() else str(out)
+    return out.name if out.parent == local_models_dir().resolve() else str(out)
 
 
 def _totals(result: ConvertResult) -> tuple[int, int]:

@@ -8,7 +8,11 @@ and renamed at the end: an interrupted run leaves nothing that loads as a model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import os
+import re
 import shutil
 import tempfile
 import time
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from quant import Scheme
 
@@ -43,7 +48,7 @@ SIDE_FILES = (
     "chat_template.jinja",
 )
 DEFAULT_SHARD_BYTES = 1024**3  # also the writer's buffer: part of the memory bound
-_FREE_SPACE_MARGIN = 256 * 1024**2
+_FREE_SPACE_MARGIN = 256 * 1024**2  # left free beyond the model: a full disk breaks more than this run
 
 
 @dataclass
@@ -73,27 +78,20 @@ def quantize_checkpoint(
 ) -> ConvertResult:
     """Write a quantized copy of `src` to `out`: the weights of `families` (runtime.quant_targets)
     packed by `scheme`, the rest as stored."""
-    src, out = Path(src), Path(out)
+    src = Path(src)
     config = load_config(src)
     if config.quantization is not None:
         raise UsageError(f"{src} is already quantized ({config.quantization['scheme']}); quantize the original")
-    if out.resolve() == src.resolve():
-        raise UsageError("the output directory must differ from the source; choose another -o")
-    if out.exists() and not force:
-        raise UsageError(f"{out} already exists; choose another -o or pass --force to replace it")
+    out = Path(out).expanduser().resolve()
+    if out == src.resolve() or out in src.resolve().parents:  # replacing it would delete the source
+        raise UsageError("the output directory must differ from the source and not contain it; choose another -o")
+    out = checked_output(out, force)
     ckpt = open_checkpoint(src)
     # Refuse before writing anything if some weight cannot be packed.
     problem = first_unsupported(scheme, ((name, ckpt.shape(name)) for name in ckpt.names()), families)
     if problem:
         raise UsageError(f"{problem}; choose another --scheme")
-    needed = _output_bytes(ckpt, scheme, families)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(out.parent).free
-    if free < needed + _FREE_SPACE_MARGIN:
-        raise AriaError(
-            f"{out.parent} has {human_size(free)} free but the {scheme.name} model needs "
-            f"{human_size(needed)}; free some space or choose another -o"
-        )
+    _check_free_space(out, _output_bytes(ckpt, scheme, families), scheme)
 
     report = QuantReport()
     total, done = ckpt.nbytes, 0
@@ -123,9 +121,7 @@ def quantize_checkpoint(
     quant_config = dataclasses.replace(
         config, quantization={**scheme.metadata(), "modules": list(families)}
     )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    default_permissions(tmp)  # mkdtemp makes it owner-only; a model directory is shared like any other
-    try:
+    with _write_errors(out), _partial_dir(out) as tmp:
         write_checkpoint(tmp, stream(), quant_config, layout="c1", max_shard_bytes=max_shard_bytes, overwrite=True)
         if report.unquantized_experts():  # cannot happen by construction; never ship it if it does
             raise AriaError("some routed experts were left unquantized; nothing was written")
@@ -133,10 +129,99 @@ def quantize_checkpoint(
             if (src / side).is_file():
                 shutil.copy2(src / side, tmp / side)
         _replace_dir(tmp, out)
+    return ConvertResult(out, report, time.perf_counter() - started, total)
+
+
+def checked_output(out: str | Path, force: bool) -> Path:
+    """`out` made absolute, once it is known that it can be written (and, if it exists, replaced
+    with `force`); otherwise one line saying why and what to do. Creates nothing."""
+    out = Path(out).expanduser().resolve()
+    if out.exists():
+        _check_replaceable(out)
+        if not force:
+            raise UsageError(f"{out} already exists; choose another -o or pass --force to replace it")
+    _check_writable(out)
+    return out
+
+
+def _check_replaceable(out: Path) -> None:
+    # Replacing is a rename of `out` then deleting the old one: only for a directory that can be
+    # renamed and whose loss cannot pull the ground from under this process.
+    if not out.is_dir():
+        raise UsageError(f"{out} exists and is not a directory; choose another -o (--force only replaces a directory)")
+    if os.path.ismount(out):
+        raise UsageError(f"{out} is a mount point and cannot be replaced; choose a new directory inside it "
+                         f"(e.g. -o {out / 'NAME'})")
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise UsageError(f"{out} is the current directory or contains it and cannot be replaced; choose another -o")
+
+
+def _check_writable(out: Path) -> None:
+    """The nearest existing folder above `out` must be a directory this process can create entries in."""
+    base = _existing_ancestor(out.parent)
+    if not base.is_dir():
+        raise AriaError(f"cannot write {out}: {base} is not a directory; choose another -o")
+    if not os.access(base, os.W_OK | os.X_OK):
+        reason = "is on a read-only file system" if _read_only(base) else "is not writable (permission denied)"
+        raise AriaError(f"cannot write {out}: {base} {reason}; choose another -o")
+
+
+def _read_only(path: Path) -> bool:
+    return hasattr(os, "statvfs") and bool(os.statvfs(path).f_flag & os.ST_RDONLY)  # no statvfs on Windows
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_free_space(out: Path, needed: int, scheme: Scheme) -> None:
+    where = _existing_ancestor(out.parent)
+    free = shutil.disk_usage(where).free
+    if free < needed + _FREE_SPACE_MARGIN:
+        raise AriaError(
+            f"{where} has {human_size(free)} free but the {scheme.name} model needs "
+            f"{human_size(needed)} plus {human_size(_FREE_SPACE_MARGIN)} of headroom; free some space or "
+            "choose another -o"
+        )
+
+
+@contextlib.contextmanager
+def _partial_dir(out: Path) -> Iterator[Path]:
+    """A fresh temporary directory beside `out`, deleted if anything (even Ctrl-C) stops the block."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        default_permissions(tmp)  # mkdtemp makes it owner-only; a model directory is shared like any other
+        yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ConvertResult(out, report, time.perf_counter() - started, total)
+
+
+@contextlib.contextmanager
+def _write_errors(out: Path) -> Iterator[None]:
+    """A failed write (read-only, full, gone...) -> one line naming the output and the reason."""
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        error = _as_os_error(exc)
+        if error is None:
+            raise
+        reason = error.strerror or str(error)
+        advice = "free some space or choose another -o" if error.errno in (errno.ENOSPC, errno.EDQUOT) else (
+            "choose another -o")
+        raise AriaError(f"cannot write {out}: {reason[:1].lower()}{reason[1:]}; {advice}") from exc
+
+
+def _as_os_error(exc: Exception) -> OSError | None:
+    # safetensors' writer (Rust) reports an I/O failure as "... I/O error: <strerror> (os error N)".
+    if isinstance(exc, OSError):
+        return exc
+    found = re.search(r"I/O error: (.+?)(?: \(os error (\d+)\))?$", str(exc))
+    return OSError(int(found[2] or 0), found[1]) if found else None
 
 
 def _output_bytes(ckpt, scheme: Scheme, families: tuple[str, ...]) -> int:
@@ -150,5 +235,9 @@ def _replace_dir(new: Path, dest: Path) -> None:
         return
     old = dest.with_name(f".{dest.name}.old-{int(time.time())}")
     dest.rename(old)
-    new.rename(dest)
+    try:
+        new.rename(dest)
+    except BaseException:
+        old.rename(dest)  # the earlier model stays where it was
+        raise
     shutil.rmtree(old, ignore_errors=True)

@@ -8,11 +8,17 @@ files made with Pillow, and the transcript is read back with the json module.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from user_env import isolate_user_env
 
 from aria_cli.chat_commands import COMMANDS, Command, help_lines, image_paths_in, parse_command
 from aria_cli.chat_settings import NAMES, changed, settings_json, shown
@@ -266,6 +272,33 @@ def test_missing_transcript_and_unwritable_target(tmp_path):
         save_transcript(tmp_path / "no-such-dir" / "chat.json", Conversation(), default_options(), "demo")
 
 
+def test_save_where_no_file_can_be_written_is_a_one_line_error(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("hi")
+    (tmp_path / "ro").mkdir()
+    real_write, real_unlink = Path.write_text, Path.unlink
+
+    def refused(real):  # under `ro`, what a read-only file system does: writing and removing fail
+        def call(self, *args, **kwargs):
+            if self.parent == tmp_path / "ro":
+                raise OSError(errno.EROFS, "Read-only file system", str(self))
+            return real(self, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(Path, "write_text", refused(real_write))
+    monkeypatch.setattr(Path, "unlink", refused(real_unlink))
+    monkeypatch.chdir(tmp_path)
+    for target, line in [
+        (tmp_path / "afile" / "chat.json", f"cannot write {tmp_path}/afile/chat.json: Not a directory; choose another file"),
+        (tmp_path / "ro" / "chat.json", f"cannot write {tmp_path}/ro/chat.json: Read-only file system; choose another file"),
+        (Path("."), f"{tmp_path} is a directory; give a file name, e.g. /save {tmp_path}/chat.json"),
+        (Path("/"), "/ is a directory; give a file name, e.g. /save /chat.json"),
+    ]:
+        with pytest.raises(UsageError) as caught:
+            save_transcript(target, Conversation(), default_options(), "demo")
+        assert str(caught.value) == line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "ro"] and not any((tmp_path / "ro").iterdir())
+
+
 def test_every_set_name_is_a_setting_and_is_saved():
     assert set(settings_json(default_options())) == set(NAMES) <= set(SETTINGS)
 
@@ -287,3 +320,23 @@ def test_triple_quotes_make_one_message_of_several_lines(monkeypatch):
     assert reader.read_message() == "plain"
     with pytest.raises(EOFError):
         reader.read_message()
+
+
+# --- the chat process: a failed /save keeps the chat going, a stop signal ends it -----------
+
+
+def test_chat_survives_a_failed_save_and_ends_on_sigterm(tmp_path, monkeypatch):
+    isolate_user_env(monkeypatch, tmp_path)
+    (tmp_path / "afile").write_text("hi")
+    proc = subprocess.Popen([sys.executable, "-m", "aria_cli", "chat", "-m", "demo"], env=dict(os.environ),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdin.write(f"/save {tmp_path}/afile/chat.json\n/save {tmp_path}/chat.json\n")
+    proc.stdin.flush()
+    said = []
+    while (line := proc.stderr.readline()) and not line.startswith("saved"):
+        said.append(line)
+    assert said[-1] == f"error: cannot write {tmp_path}/afile/chat.json: Not a directory; choose another file\n"
+    assert line == f"saved 0 turn(s) to {tmp_path}/chat.json\n"
+    proc.send_signal(signal.SIGTERM)  # waiting for the next line, stdin still open
+    out, err = proc.communicate(timeout=30)
+    assert (proc.returncode, out, err) == (143, "", "terminated (SIGTERM)\n")

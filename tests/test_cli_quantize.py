@@ -8,15 +8,18 @@ import json
 import os
 import pty
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from typer.testing import CliRunner
 from user_env import isolate_user_env
 
+import runtime.convert
+import runtime.safetensors_io
 from aria_cli.main import app
 from runtime.assistant import Assistant, Conversation, GenerationOptions
 from runtime.tiny_checkpoint import tiny_config, write_tiny_checkpoint
@@ -211,3 +214,172 @@ def test_progress_bar_is_drawn_on_stderr_only(source, tmp_path):
     assert re.search(rb"quantizing.*\d+/\d+ tensors", terminal)  # the bar, with its tensor count
     assert b"\x1b[?25l" in terminal  # Rich's live display hides the cursor while it draws
     assert stdout.startswith(b"FAMILY\tBEFORE\tAFTER\tSTATUS\n") and b"\x1b[" not in stdout
+
+
+# --- where the output may go: refused before any work, one line, nothing touched ------------
+
+
+@pytest.fixture
+def work(tmp_path):
+    """An empty folder of its own (the user's config and data directories live in tmp_path)."""
+    (tmp_path / "work").mkdir()
+    return tmp_path / "work"
+
+
+def entries(folder: Path) -> dict[str, bytes | None]:
+    """Everything under `folder` (hidden files too): file contents, None for a directory."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in folder.rglob("*")}
+
+
+def test_force_replaces_only_a_directory_that_holds_a_model_or_nothing(source, work):
+    (work / "afile").write_text("hi")
+    (work / "photos").mkdir()
+    (work / "photos" / "cat.jpg").write_bytes(b"\xff\xd8 a cat")
+    before = entries(work)
+    not_a_directory = "exists and is not a directory; choose another -o (--force only replaces a directory)"
+    not_a_model = "exists and is not an Aria model directory; choose another -o (--force only replaces a model directory)"
+    for name, line in [("afile", not_a_directory), ("photos", not_a_model)]:
+        for force in ([], ["--force"]):
+            result = run("quantize", source, "-o", work / name, "--scheme", "int8", *force)
+            assert (result.exit_code, result.stdout) == (2, ""), result.stderr
+            assert result.stderr == f"error: {work / name} {line}\n"
+    assert entries(work) == before  # no .afile.old-N, no partial directory
+    (work / "empty").mkdir()
+    assert run("quantize", source, "-o", work / "empty", "--scheme", "int8", "--force").exit_code == 0
+    assert (work / "empty" / "config.json").is_file()
+
+
+def test_output_that_cannot_be_replaced_is_refused_before_any_work(source, work, monkeypatch):
+    model = work / "model"
+    assert run("quantize", source, "-o", model, "--scheme", "int8").exit_code == 0
+    (model / "tiny").mkdir()  # a source inside the output: replacing the output would delete it
+    for f in source.iterdir():
+        (model / "tiny" / f.name).write_bytes(f.read_bytes())
+    before = entries(work)
+
+    inside = run("quantize", model / "tiny", "-o", model, "--scheme", "int4", "--force")
+    assert (inside.exit_code, inside.stderr) == (
+        2, "error: the output directory must differ from the source and not contain it; choose another -o\n")
+
+    monkeypatch.chdir(model)
+    here = run("quantize", source, "-o", ".", "--scheme", "int4", "--force")
+    assert (here.exit_code, here.stderr) == (
+        2, f"error: {model} is the current directory or contains it and cannot be replaced; choose another -o\n")
+    monkeypatch.chdir(work)
+
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == model or real_ismount(p))
+    mounted = run("quantize", source, "-o", model, "--scheme", "int4", "--force")
+    assert mounted.exit_code == 2 and mounted.stderr == (
+        f"error: {model} is a mount point and cannot be replaced; choose a new directory inside it (e.g. -o {model}/NAME)\n")
+    assert entries(work) == before
+
+
+def test_unwritable_output_locations_are_one_line_errors(source, work, monkeypatch):
+    (work / "afile").write_text("hi")
+    (work / "ro").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != work / "ro" and real_access(p, mode, **kw))
+    real_statvfs = os.statvfs
+
+    def statvfs(path):  # `ro` as on a file system mounted read-only
+        if Path(path) != work / "ro":
+            return real_statvfs(path)
+        return type("StatVFS", (), {"f_flag": os.ST_RDONLY})()
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    before = entries(work)
+    for out, line in [
+        (work / "afile" / "sub", f"{work / 'afile'} is not a directory"),
+        (work / "ro" / "q", f"{work / 'ro'} is on a read-only file system"),
+        (work / "ro" / "new" / "q", f"{work / 'ro'} is on a read-only file system"),
+    ]:
+        result = run("quantize", source, "-o", out, "--scheme", "int8")
+        assert (result.exit_code, result.stdout) == (1, "")
+        assert result.stderr == f"error: cannot write {out}: {line}; choose another -o\n"
+    # A bare name goes to the models folder under XDG_DATA_HOME, here a file.
+    monkeypatch.setenv("XDG_DATA_HOME", str(work / "afile"))
+    bare = run("quantize", source, "-o", "mine", "--scheme", "int8")
+    assert bare.exit_code == 1 and bare.stderr == (
+        f"error: cannot write {work / 'afile/aria/models/mine'}: {work / 'afile'} is not a directory; choose another -o\n")
+    assert entries(work) == before
+
+
+@pytest.mark.parametrize(("failure", "reason"), [
+    # What safetensors' (Rust) writer raises when the disk fills up during a shard.
+    ("safetensors", "no space left on device; free some space or choose another -o"),
+    # The file system went read-only after the checks (e.g. remounted after an I/O error).
+    ("mkdtemp", "read-only file system; choose another -o"),
+])
+def test_failures_while_writing_are_one_line_errors_and_leave_nothing(source, work, monkeypatch, failure, reason):
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    if failure == "safetensors":
+        monkeypatch.setattr(runtime.safetensors_io, "save_file", full_disk)
+    else:
+        monkeypatch.setattr(runtime.convert.tempfile, "mkdtemp", read_only)
+    out = work / "q"
+    result = run("quantize", source, "-o", out, "--scheme", "int8")
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr.splitlines()[-1] == f"error: cannot write {out}: {reason}"
+    assert list(work.iterdir()) == []
+
+
+def test_free_space_message_states_the_whole_requirement(source, work, monkeypatch):
+    # More than the model itself needs, less than the model plus the headroom kept free.
+    monkeypatch.setattr(runtime.convert.shutil, "disk_usage", lambda p: type("Usage", (), {"free": 50_000_000})())
+    result = run("quantize", source, "-o", work / "q", "--scheme", "int8")
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert re.fullmatch(
+        rf"error: {re.escape(str(work))} has 50\.0 MB free but the int8 model needs \d+\.\d MB plus 0\.3 GB "
+        r"of headroom; free some space or choose another -o\n", result.stderr)
+    assert not (work / "q").exists()
+
+
+# --- stopped by a signal: the partial directory goes, the exit code says which signal ----------
+
+# The real CLI in a real process, its writer stalled after a few tensors so that the signal
+# lands while the temporary directory is half written.
+STALLED_QUANTIZE = """
+import sys, time
+import runtime.convert
+
+real = runtime.convert.write_checkpoint
+
+def stalled_writer(folder, tensors, *args, **kwargs):
+    def stalled():
+        for i, item in enumerate(tensors):
+            yield item
+            if i == 3:
+                print("stalled", file=sys.stderr, flush=True)
+                time.sleep(60)
+    return real(folder, stalled(), *args, **kwargs)
+
+runtime.convert.write_checkpoint = stalled_writer
+from aria_cli.main import app
+app(prog_name="aria")
+"""
+
+
+@pytest.mark.parametrize(("signum", "code", "last_line"), [
+    (signal.SIGTERM, 143, "terminated (SIGTERM)"),  # timeout, docker stop, systemd
+    (signal.SIGHUP, 129, "terminated (SIGHUP)"),  # the terminal was closed
+    (signal.SIGINT, 130, "interrupted"),  # Ctrl-C
+])
+def test_signal_during_quantize_removes_the_partial_directory(source, work, signum, code, last_line):
+    out = work / "q"
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_QUANTIZE, "quantize", str(source), "-o", str(out),
+                             "--scheme", "int8"], env=dict(os.environ), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while (line := proc.stderr.readline()) and line != "stalled\n":
+        pass
+    assert [p.name for p in work.glob(".q.partial-*")], "the writer should be half way"
+    proc.send_signal(signum)
+    out_text, err = proc.communicate(timeout=30)
+    assert proc.returncode == code
+    assert err.splitlines()[-1] == last_line and "Traceback" not in err and out_text == ""
+    assert not out.exists() and not list(work.glob(".q.*"))
