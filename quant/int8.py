@@ -88,8 +88,9 @@ class Int8Scheme(Scheme):
 
 def _mm_cpu(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
     # The kernel also crashes (bfloat16) on activations off a 32-byte boundary, e.g. one row
-    # sliced out of a wider tensor, which still counts as contiguous.
-    if x.data_ptr() % CPU_KERNEL_ALIGNMENT:
+    # sliced out of a wider tensor, which still counts as contiguous. (A compiled graph has no
+    # addresses to check; its buffers are fresh allocations.)
+    if not torch.compiler.is_compiling() and x.data_ptr() % CPU_KERNEL_ALIGNMENT:
         x = x.clone()
     return torch.ops.aten._weight_int8pack_mm(x, tensors["qdata"], tensors["scale"])
 
