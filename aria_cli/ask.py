@@ -24,6 +24,7 @@ from . import console
 from .assistant_loader import generation_options, open_assistant
 from .options import RunOptions, with_options
 from .render import answer_output, collect_reply, reply_json, stats_rows, stream_reply
+from .settings import utf8_text
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".avif")
 _EXAMPLE = 'e.g. aria ask photo.jpg "what is in this picture?"'
@@ -44,6 +45,8 @@ def parse_question(args: list[str], image_flags: list[str], piped_text: str | No
     if prompt is not None and not piped_text and _names_an_image(prompt):
         raise UsageError(f"the last argument is the question, but '{prompt}' is an image; add a question after it "
                          f"({_EXAMPLE})")
+    if prompt is not None:
+        utf8_text(prompt, "the question")
     parts = [p for p in (piped_text, prompt) if p and p.strip()]
     if not parts:
         if prompt is not None:

@@ -30,6 +30,11 @@ class DiscardedInput(Exception):
 
 class LineReader:
     def __init__(self, history_file: Path | None = None, completions: Iterable[str] = ()):
+        # Bytes that are not UTF-8 become lone surrogates, as Python already reads them in a C or
+        # UTF-8 locale (a stricter locale would raise in the middle of reading): the chat then
+        # refuses that message in one line (settings.utf8_text) and goes on.
+        if hasattr(sys.stdin, "reconfigure"):
+            sys.stdin.reconfigure(errors="surrogateescape")
         self.interactive = sys.stdin.isatty() and sys.stdout.isatty()
         self._readline = _readline() if self.interactive else None
         self._history_file = history_file

@@ -26,7 +26,7 @@ from .chat_transcript import load_transcript, save_transcript
 from .errors import report
 from .options import RunOptions
 from .render import answer_output, stats_rows, stream_reply
-from .settings import data_dir
+from .settings import data_dir, utf8_text
 
 HISTORY_FILE = "chat_history"
 CUT_OFF = "[answer cut off]"
@@ -91,6 +91,7 @@ class Chat:
     # -- a message ----------------------------------------------------------------------------
 
     def send(self, text: str) -> None:
+        utf8_text(text, "the message")
         images = list(self.pending)
         for path in image_paths_in(text):
             try:
@@ -138,7 +139,7 @@ class Chat:
             self.conversation.set_system(None)
             console.info("system prompt removed")
         else:
-            self.conversation.set_system(text)
+            self.conversation.set_system(utf8_text(text, "the system prompt"))
             console.info("system prompt set")
 
     def do_set(self, command: Command) -> None:
@@ -171,6 +172,8 @@ class Chat:
     def do_load(self, command: Command) -> None:
         path = Path(command.argument).expanduser()
         loaded = load_transcript(path, self.opts, self._open_image)
+        for turn in loaded.conversation.turns:  # a JSON escape can hold a lone surrogate
+            utf8_text(turn.text, f"a {turn.role} turn in {path}")
         self.conversation, self.opts, self.pending = loaded.conversation, loaded.settings, []
         turns = sum(t.role != "system" for t in self.conversation.turns)
         for problem in loaded.missing_images:

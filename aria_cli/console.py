@@ -7,13 +7,18 @@ terminal, results are written as plain text: no colour, no wrapping, no spinners
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from runtime.errors import AriaError
 
 # soft_wrap: an error must stay ONE line even on a narrow terminal or a log file (Rich would
 # otherwise wrap at 80 columns when stderr is not a terminal).
@@ -38,6 +43,35 @@ def is_verbose() -> bool:
 
 def stdout_is_terminal() -> bool:
     return sys.stdout.isatty()
+
+
+class _ClosedStdout(io.TextIOBase):
+    """sys.stdout of a process started with its stdout closed (`aria ... >&-`), where Python leaves
+    None: writing fails as writing to a closed descriptor does, so it is reported like any other
+    failed write (writing_stdout), and commands that write nothing there still work."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+
+def guard_closed_stdout() -> None:
+    if sys.stdout is None:
+        sys.stdout = _ClosedStdout()
+
+
+@contextlib.contextmanager
+def writing_stdout() -> Iterator[None]:
+    """A failed write of the result becomes one line that says so. A reader that went away (EPIPE,
+    `aria ... | head`) is left to errors.report, which exits quietly as Unix tools do."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            raise
+        problem = {errno.EBADF: "standard output is closed; redirect it to a file or /dev/null",
+                   errno.ENOSPC: "no space left on device; free some space or write it elsewhere"}.get(
+            exc.errno, f"{exc.strerror or exc}; check where standard output goes")
+        raise AriaError(f"cannot write the output: {problem}") from None
 
 
 def stderr_is_terminal() -> bool:
@@ -68,8 +102,9 @@ def error(message: str) -> None:
 
 def emit_text(text: str, end: str = "\n") -> None:
     """Write a result to stdout as-is (no markup, no wrapping) and flush, so pipes see it at once."""
-    sys.stdout.write(text + end)
-    sys.stdout.flush()
+    with writing_stdout():
+        sys.stdout.write(text + end)
+        sys.stdout.flush()
 
 
 def emit_json(obj: dict[str, Any]) -> None:
@@ -87,7 +122,8 @@ def emit_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
             table.add_column(column, overflow="fold")
         for row in rows:
             table.add_row(*row)
-        Console(highlight=False).print(table)
+        with writing_stdout():
+            Console(highlight=False).print(table)
         return
     for row in (columns, *rows):
         emit_text("\t".join(row))

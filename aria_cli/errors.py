@@ -116,6 +116,7 @@ class AriaTyper(typer.Typer):
     """
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        console.guard_closed_stdout()
         try:
             return super().__call__(*args, **kwargs)
         except SystemExit as exit_:

@@ -9,6 +9,7 @@ to huggingface_hub, which sends it with every request.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,6 +82,8 @@ def hub_errors(repo_id: str, revision: str = "main", *, lookup: bool = False) ->
     except (AriaError, KeyboardInterrupt):
         raise
     except Exception as exc:  # connection refused, reset, timeout, truncated transfer, disk full ...
+        if _local_failure(exc):
+            raise _cache_error(exc, repo_id) from exc
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if lookup:
             raise AriaError(
@@ -91,3 +94,24 @@ def hub_errors(repo_id: str, revision: str = "main", *, lookup: bool = False) ->
             f"download of {repo_id} did not finish ({type(exc).__name__}: {reason}); "
             f"run `aria download {repo_id}` again to resume; completed files are kept"
         ) from exc
+
+
+# OS errors that are about this machine's disk, never the network's.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
+
+
+def _local_failure(exc: BaseException) -> bool:
+    """Whether the failure is the local disk or cache directory (HF_HOME is a file, the disk is full or
+    read-only), which a working connection would not fix. Such an OSError names its file or has a
+    disk errno; network errors (refused, reset, timeout, name lookup) have neither."""
+    return (isinstance(exc, OSError) and not isinstance(exc, (ConnectionError, TimeoutError))
+            and (exc.filename is not None or exc.errno in _DISK_ERRNOS))
+
+
+def _cache_error(exc: OSError, repo_id: str) -> AriaError:
+    where = str(exc.filename) if exc.filename is not None else str(hub_cache_dir())
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return AriaError(f"no space left for {repo_id} in {where}; free some space, or set HF_HOME to a directory "
+                         "on a disk with room (completed files are kept)")
+    return AriaError(f"cannot use the Hugging Face cache: {exc.strerror or exc} ({where}); set HF_HOME (or "
+                     "HF_HUB_CACHE) to a directory you can write to")

@@ -71,6 +71,9 @@ def parse_model(name: str) -> ModelRef:
     path = Path(name).expanduser()
     if path.is_dir():
         return ModelRef(name, "local", path=path.resolve())
+    if path.exists() and not _REPO_ID.match(name):  # "org/name" stays a Hub repo id even where such a file exists
+        raise ModelNotFoundError(f"{name} is a file, not a model directory; give the directory that holds the "
+                                 "model's config.json and weights")
     if name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1:
         raise ModelNotFoundError(f"no such directory: {name}")
     if _REPO_ID.match(name):

@@ -51,15 +51,17 @@ def plan_config(name: str, offline: bool) -> tuple[AriaConfig, str]:
         return AriaConfig.from_dict(aria_config_dict()), f"{ref.repo_id}, built-in config"
     if offline:
         raise not_downloaded(name)
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import RemoteEntryNotFoundError
+    from huggingface_hub import HfApi, hf_hub_download
 
     with hub_errors(ref.repo_id, lookup=True):
-        try:
-            path = hf_hub_download(ref.repo_id, "config.json", cache_dir=hub_cache_dir(), endpoint=hub_endpoint())
-        except RemoteEntryNotFoundError:  # an HTTP 404 for the file: the repo itself exists
-            raise ModelNotFoundError(f"{ref.repo_id} has no config.json on {hub_endpoint()}: it is not an Aria "
-                                     "model; check the name") from None
+        # Looked up first, as `aria download` does: one API call fails at once without a network,
+        # where hf_hub_download retries for half a minute (printing every attempt).
+        info = HfApi(endpoint=hub_endpoint()).model_info(ref.repo_id, revision="main")
+    if "config.json" not in {sibling.rfilename for sibling in info.siblings or []}:
+        raise ModelNotFoundError(f"{ref.repo_id} has no config.json on {hub_endpoint()}: it is not an Aria "
+                                 "model; check the name")
+    with hub_errors(ref.repo_id, lookup=True):
+        path = hf_hub_download(ref.repo_id, "config.json", cache_dir=hub_cache_dir(), endpoint=hub_endpoint())
     return load_config(path), f"{ref.repo_id}, config.json from the Hub"
 
 

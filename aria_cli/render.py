@@ -24,6 +24,7 @@ from rich.segment import Segment
 from runtime.assistant import Reply
 from runtime.offload.apply import OffloadEngine
 
+from . import console
 from .settings import format_size
 
 # Redraws per second of the live block: enough to look smooth, few enough to cost nothing.
@@ -133,12 +134,14 @@ def stream_reply(reply: Reply, output: AnswerOutput) -> bool:
     interrupted = False
     try:
         for chunk in reply:
-            output.push(chunk)
+            with console.writing_stdout():  # only the writes: an OSError of generation is not about stdout
+                output.push(chunk)
     except KeyboardInterrupt:
         reply.interrupt()
         interrupted = True
     finally:
-        output.close()
+        with console.writing_stdout():
+            output.close()
     return interrupted
 
 

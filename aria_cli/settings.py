@@ -9,6 +9,7 @@ wherever it came from, naming where it came from ("--temperature must be >= 0 (g
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -78,18 +79,47 @@ def _as_int(raw: Any) -> int:
 def _as_float(raw: Any) -> float:
     if isinstance(raw, bool):
         raise _Bad("must be a number")
-    if isinstance(raw, (int, float)):
-        return float(raw)
     try:
-        return float(str(raw).strip())
-    except ValueError:
+        value = float(raw) if isinstance(raw, (int, float)) else float(str(raw).strip())
+    except (ValueError, OverflowError):
         raise _Bad("must be a number") from None
+    # float() reads "inf" and "nan" (and TOML has them): no setting means anything by them.
+    if not math.isfinite(value):
+        raise _Bad("must be a finite number")
+    return value
 
 
 def _as_str(raw: Any) -> str:
     if not isinstance(raw, str):
         raise _Bad("must be a string")
     return raw
+
+
+def not_utf8(text: str) -> str | None:
+    """What in `text` is not UTF-8 ("byte 0xff"), or None when it all is.
+
+    Python decodes command-line arguments, environment variables and (in a C or UTF-8 locale)
+    standard input with surrogateescape: each byte that is not UTF-8 becomes a lone surrogate
+    U+DC80..U+DCFF, which the tokenizer cannot encode (a JSON escape can make other lone ones).
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        return f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+    return None
+
+
+def utf8_text(text: str, what: str) -> str:
+    """`text` unchanged, or a UsageError saying that `what` ("the question") is not UTF-8 text.
+
+    Text for the model passes here where it enters aria (arguments, chat lines, settings, saved
+    chats); text on standard input is decoded strictly where it is read."""
+    problem = not_utf8(text)
+    if problem:
+        raise UsageError(f"{what} is not UTF-8 text ({problem}); write it in UTF-8 (check the encoding of "
+                         "your terminal or file)")
+    return text
 
 
 def _as_str_list(raw: Any) -> tuple[str, ...]:
@@ -178,6 +208,13 @@ def _top_p(v: float) -> str | None:
     return None if 0 < v <= 1 else "must be in (0, 1]"
 
 
+_MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+
+
+def _seed_range(v: int) -> str | None:
+    return _at_least(0)(v) or (None if v <= _MAX_SEED else f"must be at most {_MAX_SEED}")
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str  # dataclass field and config-file key
@@ -188,6 +225,7 @@ class Setting:
     # After ARIA_<NAME>: the value another tool's variables give, read by that tool's own rules
     # (None when they say nothing), e.g. huggingface_hub's offline switch.
     foreign_env: Callable[[Mapping[str, str]], Any] | None = None
+    text: bool = False  # text the model reads, so it must be UTF-8 (see utf8_text)
 
     @property
     def env_name(self) -> str:
@@ -210,9 +248,9 @@ SETTINGS: dict[str, Setting] = {
         Setting("temperature", "--temperature", _as_float, 0.0, _at_least(0)),
         Setting("top_p", "--top-p", _as_float, 1.0, _top_p),
         Setting("top_k", "--top-k", _as_int, 0, _at_least(0)),
-        Setting("seed", "--seed", _as_int, None, _at_least(0)),
+        Setting("seed", "--seed", _as_int, None, _seed_range),
         Setting("stop", "--stop", _as_str_list, ()),
-        Setting("system", "--system", _as_str, None),
+        Setting("system", "--system", _as_str, None, text=True),
         Setting("split_image", "--split-image", _as_bool, False),
         Setting("image_size", "--image-size", _int_choice(490, 980), 980),
         # runtime placement
@@ -250,6 +288,8 @@ def _validated(setting: Setting, raw: Any, source: str) -> Any:
     problem = setting.check(value) if (setting.check and value is not None) else None
     if problem:
         raise UsageError(f"{source} {problem} (got {_shown(raw)})")
+    if setting.text and value is not None:
+        utf8_text(value, source)
     return value
 
 
@@ -296,6 +336,9 @@ def load_settings_file(path: Path | None = None) -> dict[str, Any]:
         return {}
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}; fix its permissions or delete it") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                         "fix or delete it") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -7,13 +7,17 @@ Flavours (ARIA_SPEC §1, §3, pitfall P1):
 - hub main / transformers: text `aria_text` whose `intermediate_size` is the expert width, vision
   `idefics3_vision`, rope as `rope_theta` or `rope_parameters: {rope_theta: ...}`.
 
-Unknown keys are ignored. A missing required key raises ConfigError naming it. Missing optional
-keys take the defaults of the reference class of that flavour, so both read the same model.
+Unknown keys are ignored. A missing required key raises ConfigError naming it, and so does a
+value of the wrong kind (sizes and counts are positive integers, epsilons and theta positive
+numbers): a broken config.json fails here, in one line, not as a crash or a misleading message
+far from it. Missing optional keys take the defaults of the reference class of that flavour, so
+both read the same model.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,6 +145,26 @@ def _require(raw: dict[str, Any], key: str, where: str, source: str) -> Any:
     return raw[key]
 
 
+def _bad(source: str, key: str, need: str, value: Any) -> ConfigError:
+    return ConfigError(f"{source}: '{key}' must be {need} (got {json.dumps(value)}); fix it or download the "
+                       "model again")
+
+
+def _count(value: Any, key: str, source: str, minimum: int = 1) -> int:
+    """A size or count: an integer (4096.0 too) of at least `minimum`."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _bad(source, key, "a positive integer" if minimum == 1 else f"an integer >= {minimum}", value)
+    return value
+
+
+def _positive(value: Any, key: str, source: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise _bad(source, key, "a positive number", value)
+    return float(value)
+
+
 def _parse(raw: dict[str, Any], source: str = "config.json") -> AriaConfig:
     text_raw = raw.get("text_config")
     vision_raw = raw.get("vision_config")
@@ -152,10 +176,11 @@ def _parse(raw: dict[str, Any], source: str = "config.json") -> AriaConfig:
     vision = _parse_vision(vision_raw, source)
 
     patch_to_query = raw.get("projector_patch_to_query_dict") or {1225: 128, 4900: 256}
-    try:
-        patch_to_query = {int(k): int(v) for k, v in patch_to_query.items()}
-    except (AttributeError, TypeError, ValueError):
-        raise ConfigError(f"{source}: 'projector_patch_to_query_dict' must map patch counts to query counts") from None
+    try:  # JSON object keys are strings
+        patch_to_query = {int(k): _count(v, "projector_patch_to_query_dict", source) for k, v in patch_to_query.items()}
+    except (AttributeError, TypeError, ValueError, ConfigError):
+        raise ConfigError(f"{source}: 'projector_patch_to_query_dict' must map patch counts to query counts "
+                          "(positive integers); fix it or download the model again") from None
 
     original = text_raw.get("model_type") == "aria_moe_lm" or "moe_intermediate_size" in text_raw
     quantization = raw.get("quantization")
@@ -165,7 +190,8 @@ def _parse(raw: dict[str, Any], source: str = "config.json") -> AriaConfig:
         text=text,
         vision=vision,
         patch_to_query=patch_to_query,
-        image_token_index=int(raw.get("image_token_index", raw.get("image_token_id", 9))),
+        image_token_index=_count(raw.get("image_token_index", raw.get("image_token_id", 9)), "image_token_index",
+                                 source, minimum=0),
         flavour="original" if original else "hub",
         quantization=quantization,
     )
@@ -173,14 +199,18 @@ def _parse(raw: dict[str, Any], source: str = "config.json") -> AriaConfig:
 
 def _parse_text(t: dict[str, Any], source: str) -> TextConfig:
     w = "text_config."
-    hidden = int(_require(t, "hidden_size", w, source))
-    heads = int(_require(t, "num_attention_heads", w, source))
+
+    def count(key: str, value: Any = None, minimum: int = 1) -> int:
+        return _count(_require(t, key, w, source) if value is None else value, w + key, source, minimum)
+
+    hidden = count("hidden_size")
+    heads = count("num_attention_heads")
     # P1: remote-code configs keep a stale intermediate_size (13568); the expert width is
     # moe_intermediate_size whenever it is present.
     if t.get("moe_intermediate_size") is not None:
-        expert_width = int(t["moe_intermediate_size"])
+        expert_width = count("moe_intermediate_size")
     else:
-        expert_width = int(_require(t, "intermediate_size", w, source))
+        expert_width = count("intermediate_size")
     rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     if rope_type not in ("default", None):
@@ -191,23 +221,27 @@ def _parse_text(t: dict[str, Any], source: str) -> TextConfig:
     eos = t.get("eos_token_id", 2)
     if isinstance(eos, list):
         eos = eos[0] if eos else None
-    kv_heads = t.get("num_key_value_heads") or heads
+    kv_heads = count("num_key_value_heads", t.get("num_key_value_heads") or heads)
     if heads % kv_heads:
         raise ConfigError(f"{source}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
+    experts, topk = count("moe_num_experts"), count("moe_topk")
+    if topk > experts:
+        raise ConfigError(f"{source}: moe_topk ({topk}) is more than moe_num_experts ({experts}); fix it or "
+                          "download the model again")
     return TextConfig(
-        vocab_size=int(_require(t, "vocab_size", w, source)),
+        vocab_size=count("vocab_size"),
         hidden_size=hidden,
-        num_hidden_layers=int(_require(t, "num_hidden_layers", w, source)),
+        num_hidden_layers=count("num_hidden_layers"),
         num_attention_heads=heads,
-        num_key_value_heads=int(kv_heads),
-        head_dim=int(t.get("head_dim") or hidden // heads),
+        num_key_value_heads=kv_heads,
+        head_dim=count("head_dim", t.get("head_dim") or hidden // heads),
         moe_intermediate_size=expert_width,
-        moe_num_experts=int(_require(t, "moe_num_experts", w, source)),
-        moe_topk=int(_require(t, "moe_topk", w, source)),
-        moe_num_shared_experts=int(t.get("moe_num_shared_experts", 2)),
-        rms_norm_eps=float(t.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(theta if theta is not None else _DEFAULT_ROPE_THETA),
-        max_position_embeddings=int(t.get("max_position_embeddings", 65536)),
+        moe_num_experts=experts,
+        moe_topk=topk,
+        moe_num_shared_experts=count("moe_num_shared_experts", t.get("moe_num_shared_experts", 2)),
+        rms_norm_eps=_positive(t.get("rms_norm_eps", 1e-6), w + "rms_norm_eps", source),
+        rope_theta=_positive(theta if theta is not None else _DEFAULT_ROPE_THETA, w + "rope_theta", source),
+        max_position_embeddings=count("max_position_embeddings", t.get("max_position_embeddings", 65536)),
         bos_token_id=t.get("bos_token_id", 1),
         eos_token_id=eos,
         pad_token_id=t.get("pad_token_id", 2),
@@ -219,9 +253,12 @@ def _parse_vision(v: dict[str, Any], source: str) -> VisionConfig:
     # `attention_heads` (seen in the hub-main config) is not a key the reference reads: ignored.
     values = {k: v.get(k, d) for k, d in defaults.items()}
     for key in ("image_size", "patch_size"):
-        if isinstance(values[key], (list, tuple)):
+        if isinstance(values[key], (list, tuple)) and values[key]:
             values[key] = values[key][0]
-    cfg = VisionConfig(**{k: (float(x) if k == "layer_norm_eps" else int(x)) for k, x in values.items()})
+    cfg = VisionConfig(**{
+        k: _positive(x, f"vision_config.{k}", source) if k == "layer_norm_eps" else _count(x, f"vision_config.{k}", source)
+        for k, x in values.items()
+    })
     if cfg.hidden_size % cfg.num_attention_heads:
         raise ConfigError(f"{source}: vision hidden_size is not a multiple of num_attention_heads")
     return cfg

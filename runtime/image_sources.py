@@ -14,6 +14,7 @@ import io
 import sys
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import BinaryIO
 
@@ -27,6 +28,7 @@ DEFAULT_MAX_BYTES = 50 * 1024 * 1024  # cap on downloaded / piped image files
 # stretch it past recognition (an 8:1 panorama is the widest grid the tiling knows).
 MAX_ASPECT_RATIO = 50.0
 STDIN_NAME = "-"
+GIVE_A_PICTURE = "give a JPEG, PNG, WebP, GIF or TIFF picture"
 
 
 def load_image(
@@ -105,12 +107,16 @@ def fetch_url(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DE
 def decode_image(data: bytes, name: str) -> Image.Image:
     """Decode image file bytes completely, validate them, apply EXIF orientation."""
     if not data:
-        raise ImageError(f"image {name} is empty (0 bytes)")
+        raise ImageError(f"image {name} is empty (0 bytes); {GIVE_A_PICTURE}")
     # Pillow's decoders raise many exception types on hostile or damaged input (OSError,
     # SyntaxError, ValueError, struct.error, EOFError, ...). Anything raised while parsing
     # untrusted bytes is a bad image, not a bug of ours, so all of it becomes one ImageError.
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            # Pillow warns (two lines on stderr) past MAX_IMAGE_PIXELS and refuses past twice that;
+            # the refusal below is our check, a large photo under it is fine.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
         raise ImageError(
             f"image {name} has too many pixels (over Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS:,}); "
@@ -118,8 +124,9 @@ def decode_image(data: bytes, name: str) -> Image.Image:
         ) from None
     except UnidentifiedImageError:
         if _looks_like_text(data):
-            raise ImageError(f"{name} is a text file, not an image") from None
-        raise ImageError(f"{name} is not an image Pillow can read (unknown, unsupported or damaged format)") from None
+            raise ImageError(f"{name} is a text file, not an image; {GIVE_A_PICTURE}") from None
+        raise ImageError(f"{name} is not an image Pillow can read (unknown, unsupported or damaged format); "
+                         f"{GIVE_A_PICTURE}") from None
     except Exception as exc:  # noqa: BLE001 - see above
         raise ImageError(f"image {name} is damaged: {_reason(exc)}") from None
     check_image_size(image.width, image.height, name)

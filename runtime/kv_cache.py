@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from .config import TextConfig
-from .errors import InputError
+from .errors import InputError, PlacementError
+from .sizes import human_size
 
 
 class KVCache:
@@ -24,8 +25,18 @@ class KVCache:
     ):
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.max_len = max_len
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.model_max_len = config.max_position_embeddings
+        try:
+            self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+            self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        except (RuntimeError, MemoryError) as exc:  # CUDA's OutOfMemoryError is a RuntimeError
+            # The CPU allocator raises a plain RuntimeError ("can't allocate memory: you tried to ...").
+            if not isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)) and "allocate" not in str(exc):
+                raise
+            need = human_size(self.bytes_needed(config, max_len, dtype, batch_size))
+            where = "the CPU" if torch.device(device).type == "cpu" else str(device)
+            raise PlacementError(f"the KV cache for {max_len} tokens of context needs {need}, more than {where} "
+                                 "can allocate; lower --max-context") from None
 
     @staticmethod
     def bytes_needed(config: TextConfig, max_len: int, dtype: torch.dtype, batch_size: int = 1) -> int:
@@ -35,10 +46,12 @@ class KVCache:
 
     def check_room(self, start: int, length: int) -> None:
         if start + length > self.max_len:
-            raise InputError(
-                f"the conversation needs {start + length} tokens but the context holds {self.max_len}; "
-                "raise --max-context, shorten the prompt, or (in a chat) /clear"
-            )
+            # At the model's own maximum, a larger --max-context would only be capped back to it.
+            at_most = self.max_len >= self.model_max_len
+            holds = f"{self.max_len} (the most this model takes)" if at_most else str(self.max_len)
+            todo = "shorten the prompt" if at_most else "raise --max-context, shorten the prompt"
+            raise InputError(f"the conversation needs {start + length} tokens but the context holds {holds}; "
+                             f"{todo}, or (in a chat) /clear")
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v [B, kvh, T, d] at [start, start+T); return the valid prefix [0, start+T)."""

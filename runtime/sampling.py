@@ -6,6 +6,7 @@ trick (argmax of p / Exp(1) samples from p), which needs no cumulative search on
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +22,8 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise UsageError(f"temperature must be >= 0 (got {self.temperature})")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise UsageError(f"temperature must be a finite number >= 0 (got {self.temperature})")
         if self.top_k < 0:
             raise UsageError(f"top-k must be >= 0 (got {self.top_k})")
         if not 0 < self.top_p <= 1:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from user_env import isolate_user_env
 
 from aria_cli.main import app
 from runtime.assistant import Conversation
-from runtime.tiny_checkpoint import write_tiny_checkpoint
+from runtime.tiny_checkpoint import tiny_config, write_tiny_checkpoint
 from tests.test_assistant import reference_tokens
 
 N = 12
@@ -169,7 +170,15 @@ def one_line_error(result, code: int, line: str) -> None:
     ("args", "code", "line"),
     [
         (["{missing}", "hi"], 1, "error: image {missing} does not exist; check the path"),
-        (["{text}", "hi"], 1, "error: {text} is a text file, not an image"),
+        (["{text}", "hi"], 1, "error: {text} is a text file, not an image; give a JPEG, PNG, WebP, GIF or TIFF picture"),
+        (["-m", "{red}", "hi"], 1, ("error: {red} is a file, not a model directory; give the directory that holds "
+                                    "the model's config.json and weights")),
+        # A question with bytes that are not UTF-8, as Python decodes argv (surrogateescape).
+        (["What \udcff\udcfe is this?"], 2, ("error: the question is not UTF-8 text (byte 0xff); write it in UTF-8 "
+                                             "(check the encoding of your terminal or file)")),
+        (["-t", "inf", "hi"], 2, "error: --temperature must be a finite number (got inf)"),
+        (["-t", "1", "--seed", "999999999999999999999999", "hi"], 2,
+         "error: --seed must be at most 18446744073709551615 (got 999999999999999999999999)"),
         (["-m", "some-org/some-model", "--offline", "hi"], 1,
          ("error: model some-org/some-model is not downloaded; run `aria download some-org/some-model` "
           "(or drop --offline)")),
@@ -209,6 +218,52 @@ def test_real_process_error_is_one_line_without_traceback(checkpoint, pictures):
     result = ask_process("-m", checkpoint, missing, "hi")
     assert result.returncode == 1 and result.stdout == b""
     assert result.stderr.decode() == f"error: image {missing} does not exist; check the path\n"
+
+
+def test_non_utf8_bytes_in_real_arguments_are_one_line_usage_errors(checkpoint):
+    hint = "write it in UTF-8 (check the encoding of your terminal or file)"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for args, line in [([b"What \xff\xfe is this?"], f"error: the question is not UTF-8 text (byte 0xff); {hint}"),
+                       ([b"-s", b"\xe9t\xe9", b"hi"], f"error: --system is not UTF-8 text (byte 0xe9); {hint}")]:
+        result = subprocess.run([sys.executable, "-m", "aria_cli", "ask", "-m", str(checkpoint), *args], env=env,
+                                stdin=subprocess.DEVNULL, capture_output=True, timeout=120, check=False)
+        assert (result.returncode, result.stdout, result.stderr.decode()) == (2, b"", line + "\n")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_stdout_closed_or_full_is_one_line(checkpoint):
+    """`aria ask ... >&-` and `> /dev/full`: one line saying the answer could not be written."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "aria_cli", "ask", "-m", str(checkpoint), "hello", "-n", "4"]
+    closed = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", *command], env=env, stdin=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, timeout=120, check=False)
+    assert (closed.returncode, closed.stderr.decode()) == (
+        1, "error: cannot write the output: standard output is closed; redirect it to a file or /dev/null\n")
+    for extra in ([], ["--json"]):
+        with open("/dev/full", "w") as full:
+            result = subprocess.run(command + extra, env=env, stdin=subprocess.DEVNULL, stdout=full,
+                                    stderr=subprocess.PIPE, timeout=120, check=False)
+        assert (result.returncode, result.stderr.decode()) == (
+            1, "error: cannot write the output: no space left on device; free some space or write it elsewhere\n")
+
+
+def test_a_kv_cache_too_large_to_allocate_is_one_line(tmp_path):
+    # 10**15 positions need petabytes: more than any machine's address space, so allocation fails everywhere.
+    folder = write_tiny_checkpoint(tmp_path / "long", seed=21, config=tiny_config(max_position_embeddings=10**16))
+    result = ask("-m", folder, "hi", "--max-context", str(10**15))
+    assert result.exit_code == 1 and result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+    assert re.fullmatch(r"error: the KV cache for 1000000000000000 tokens of context needs [\d.]+ GB, more than the "
+                        r"CPU can allocate; lower --max-context\n", result.stderr), result.stderr
+
+
+def test_full_context_at_the_models_maximum_does_not_suggest_raising_it(checkpoint):
+    from runtime.config import load_config
+
+    limit = load_config(checkpoint).text.max_position_embeddings
+    result = ask("-m", checkpoint, "sea " * limit, "--max-context", str(limit))
+    assert result.exit_code == 1 and result.stdout == "" and result.stderr.count("\n") == 1
+    assert f"but the context holds {limit} (the most this model takes); shorten the prompt, or (in a chat) /clear" \
+        in result.stderr
 
 
 def test_ctrl_c_in_json_mode_reports_interrupted_with_the_tokens_so_far(checkpoint, pictures, reference,

@@ -349,6 +349,33 @@ def test_piped_chat_writes_only_answers_to_stdout(model_dir, reference, tmp_path
     assert "Chatting with" in result.stderr and "prompt: " in result.stderr and PROMPT not in result.stdout
 
 
+def test_bad_text_and_values_are_one_line_each_and_the_chat_goes_on(model_dir, reference, tmp_path, monkeypatch):
+    """Bytes that are not UTF-8 (in a message, a /system, a saved chat) and out-of-range /set values
+    are refused when typed; the next message is answered as if they had never been typed."""
+    for var, value in chat_env(tmp_path).items():
+        monkeypatch.setenv(var, value)
+    saved = tmp_path / "odd.json"  # a hand-edited transcript: a JSON escape of a lone surrogate
+    saved.write_text('{"format": "aria-chat", "version": 1, "turns": [{"role": "user", "text": "a\\udcffb"}]}')
+    chat = Conversation()
+    chat.add("user", "Hello there")
+    reference.reset()
+    expected = reference.reply(chat, GenerationOptions(max_tokens=6)).read()
+    typed = (b"What \xff is this?\n/system \xfe\n/set seed 99999999999999999999999\n/set temperature inf\n"
+             b"/load " + str(saved).encode() + b"\nHello there\n/exit\n")
+    result = CliRunner().invoke(app, ["chat", "-m", str(model_dir), "-n", "6"], input=typed)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == expected + ("" if expected.endswith("\n") else "\n")
+    hint = "write it in UTF-8 (check the encoding of your terminal or file)"
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: the message is not UTF-8 text (byte 0xff); {hint}",
+        f"error: the system prompt is not UTF-8 text (byte 0xfe); {hint}",
+        "error: /set seed must be at most 18446744073709551615 (got 99999999999999999999999)",
+        "error: /set temperature must be a finite number (got inf)",
+        f"error: a user turn in {saved} is not UTF-8 text (byte 0xff); {hint}",
+    ]
+
+
 def test_a_model_that_fails_to_load_ends_the_chat_with_one_line(model_dir, tmp_path, monkeypatch):
     for var, value in chat_env(tmp_path).items():
         monkeypatch.setenv(var, value)

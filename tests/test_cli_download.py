@@ -441,6 +441,22 @@ def test_real_process_download_honours_hf_home_and_hf_token(hub, env):
     assert file_requests and all(h.get("authorization") == "Bearer hf_secret123" for h in file_requests)
 
 
+def test_hf_home_that_is_a_file_is_named_not_blamed_on_the_network(hub, env, monkeypatch):
+    afile = env / "afile"
+    afile.write_text("not a directory\n")
+    proc = aria_process("download", REPO, env={**os.environ, "HF_HOME": str(afile)})
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == (f"error: cannot use the Hugging Face cache: Not a directory ({afile / 'token'}); "
+                           "set HF_HOME (or HF_HUB_CACHE) to a directory you can write to\n")
+    # In this process huggingface_hub read HF_HOME at import, so the cache directory is what fails.
+    monkeypatch.setenv("HF_HOME", str(afile))
+    result = run("download", REPO)
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.splitlines()[-1] == (f"error: cannot use the Hugging Face cache: Not a directory "
+                                              f"({afile / 'hub'}); set HF_HOME (or HF_HUB_CACHE) to a directory you "
+                                              "can write to")
+
+
 def test_unknown_repo_and_revision_are_one_line_errors(hub, env):
     result = run("download", "tiny-org/nope")
     assert result.exit_code == 1

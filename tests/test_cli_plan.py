@@ -9,6 +9,9 @@ planner's arithmetic is tested in test_placement.py); facts from the design note
 from __future__ import annotations
 
 import json
+import re
+import socket
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -163,3 +166,21 @@ def test_a_hub_repo_without_config_json_is_named_as_not_an_aria_model(hub):
     assert result.exit_code == 1
     assert result.stderr == (f"error: someone/no-config has no config.json on {hub.url}: it is not an Aria model; "
                              "check the name\n")
+
+
+def test_no_network_fails_at_once_in_one_line(monkeypatch):
+    """As `aria download` and `aria ask` do: one lookup, no half minute of retries printed line by line."""
+    with socket.socket() as probe:  # a port nothing listens on: the connection is refused
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "ENDPOINT", endpoint)  # as the hub fixture above does
+    started = time.monotonic()
+    result = plan("-m", "someone/elsewhere", "--gpu-memory", "24GiB")
+    assert time.monotonic() - started < 10
+    assert result.exit_code == 1 and result.stdout == ""
+    assert re.fullmatch(rf"error: cannot reach {endpoint} to look up someone/elsewhere \((?:ConnectError|ConnectionError): [^\n]*\); "
+                        r"check your connection, or use --offline for models already downloaded\n",
+                        result.stderr), result.stderr

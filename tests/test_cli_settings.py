@@ -149,6 +149,16 @@ def test_the_hubs_offline_variables_read_as_huggingface_hub_reads_them(env, hf_h
         (["--gpu-memory", "0GiB"], "error: --gpu-memory must be more than 0 (got 0GiB)"),
         (["-q", "-v"], "error: --quiet and --verbose contradict each other; use one"),
         (["--cpu-moe", "--n-cpu-moe", "4"], "error: --cpu-moe already puts every layer's experts on the CPU; drop --n-cpu-moe"),
+        # float() reads these; the sampler would turn them into garbage or a crash.
+        (["-t", "inf"], "error: --temperature must be a finite number (got inf)"),
+        (["-t", "nan"], "error: --temperature must be a finite number (got nan)"),
+        (["--top-p", "-inf"], "error: --top-p must be a finite number (got -inf)"),
+        # torch.Generator.manual_seed takes 0 .. 2**64 - 1.
+        (["--seed", "18446744073709551616"], "error: --seed must be at most 18446744073709551615 (got 18446744073709551616)"),
+        (["--seed", "-1"], "error: --seed must be >= 0 (got -1)"),
+        # Python's decoding of a non-UTF-8 argument byte (surrogateescape).
+        (["-s", "Be \udcff brief"], ("error: --system is not UTF-8 text (byte 0xff); write it in UTF-8 (check the "
+                                     "encoding of your terminal or file)")),
     ],
 )
 def test_bad_flag_values_are_one_line_usage_errors(env, args, message):
@@ -165,6 +175,26 @@ def test_bad_env_and_file_values_name_their_source(env):
     assert show_error() == (2, f"error: 'temperature' in {config_file()} must be >= 0 (got -2)\n")
     write_config('cpu_moe = "sometimes"\n')
     assert show_error() == (2, f"error: 'cpu_moe' in {config_file()} must be true or false (got sometimes)\n")
+
+
+def test_largest_seed_is_accepted(env):
+    assert show_opts("--seed", "18446744073709551615")["seed"] == 2**64 - 1
+
+
+def test_non_finite_and_non_utf8_values_from_env_and_file(env):
+    env.setenv("ARIA_SYSTEM", "caf\udce9")  # "café" in Latin-1, as Python reads it from the environment
+    hint = "write it in UTF-8 (check the encoding of your terminal or file)"
+    assert show_error() == (2, f"error: ARIA_SYSTEM is not UTF-8 text (byte 0xe9); {hint}\n")
+    env.delenv("ARIA_SYSTEM")
+    write_config("temperature = inf\n")  # TOML has inf and nan
+    assert show_error() == (2, f"error: 'temperature' in {config_file()} must be a finite number (got inf)\n")
+
+
+def test_config_file_that_is_not_text(env):
+    config_file().parent.mkdir(parents=True)
+    config_file().write_bytes(b"temperature = 0.5\n\xff\xfe\x00binary")
+    message = f"error: {config_file()} is not UTF-8 text (byte 0xff at offset 18); fix or delete it\n"
+    assert show_error() == (2, message)
 
 
 def test_config_file_typos_and_syntax_errors(env):

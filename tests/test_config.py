@@ -82,3 +82,45 @@ def test_crop_size_must_be_one_the_projector_knows():
     assert config.tokens_per_crop(980) == 256 and config.tokens_per_crop(490) == 128
     with pytest.raises(ConfigError, match="490, 980"):
         config.tokens_per_crop(700)
+
+
+@pytest.mark.parametrize(
+    ("part", "key", "value", "need"),
+    [
+        ("text_config", "hidden_size", "abc", "a positive integer"),
+        ("text_config", "num_hidden_layers", -2, "a positive integer"),
+        ("text_config", "num_attention_heads", 0, "a positive integer"),
+        ("text_config", "vocab_size", 1.5, "a positive integer"),
+        ("text_config", "max_position_embeddings", "65536", "a positive integer"),
+        ("text_config", "hidden_size", True, "a positive integer"),
+        ("text_config", "rms_norm_eps", "x", "a positive number"),
+        ("text_config", "rope_theta", -1, "a positive number"),
+        ("vision_config", "num_attention_heads", 0, "a positive integer"),
+        ("vision_config", "image_size", [], "a positive integer"),
+        ("vision_config", "layer_norm_eps", float("nan"), "a positive number"),
+        (None, "image_token_index", "x", "an integer >= 0"),
+    ],
+)
+def test_bad_values_name_the_file_the_field_and_the_value(tmp_path, part, key, value, need):
+    raw = aria_config_dict()
+    (raw[part] if part else raw)[key] = value
+    file = write(tmp_path, raw) / "config.json"
+    field = f"{part}.{key}" if part else key
+    shown = json.dumps(value)
+    with pytest.raises(ConfigError) as caught:
+        load_config(file)
+    assert str(caught.value) == f"{file}: '{field}' must be {need} (got {shown}); fix it or download the model again"
+
+
+def test_more_experts_per_token_than_experts_is_refused(tmp_path):
+    raw = aria_config_dict()
+    raw["text_config"]["moe_topk"] = raw["text_config"]["moe_num_experts"] + 1
+    with pytest.raises(ConfigError, match=r"moe_topk \(65\) is more than moe_num_experts \(64\)"):
+        load_config(write(tmp_path, raw))
+
+
+def test_whole_floats_are_integers(tmp_path):
+    raw = aria_config_dict()
+    raw["text_config"]["max_position_embeddings"] = 4096.0
+    config = load_config(write(tmp_path, raw))
+    assert config.text.max_position_embeddings == 4096 and isinstance(config.text.max_position_embeddings, int)
