@@ -1,6 +1,7 @@
 """Failures -> one line on stderr and an exit code, for every command in one place.
 
-Exit codes: 0 success, 1 error, 2 usage error (bad flag, bad value, bad command), 130 interrupted.
+Exit codes: 0 success, 1 error, 2 usage error (bad flag, bad value, bad command), 130 interrupted
+(Ctrl-C), 143 and 129 terminated (SIGTERM, SIGHUP: see main.py).
 Expected failures (the runtime.errors.AriaError family, click's usage errors) print one line
 "error: ..."; the traceback is shown only with --debug. Anything else is a bug: it still prints
 one line (with a pointer to --debug) rather than a wall of traceback.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
 import threading
 import traceback
@@ -31,6 +33,17 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+
+class Terminated(BaseException):
+    """A stop signal arrived. Raised in the main thread, it unwinds the command the way Ctrl-C does,
+    so every `finally` and `except BaseException` clean-up runs (quantize deletes its partial
+    directory, chat saves its history). Not a KeyboardInterrupt: in chat that only stops an answer
+    or discards a line, and these signals mean "stop the program"."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 # Whether the running command has --debug. One process runs one command; AriaGroup resets it
 # when a command line starts being parsed (tests run many in one process).

@@ -24,24 +24,13 @@ from . import console
 from .ask import ask
 from .chat import chat
 from .demo_command import demo
-from .errors import AriaGroup, AriaTyper
+from .errors import AriaGroup, AriaTyper, Terminated
 from .model_commands import download, models, rm
 from .plan_command import plan
 from .quantize_command import quantize
 
 # `timeout`, `docker stop` and systemd send SIGTERM; closing the terminal sends SIGHUP.
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
-
-
-class Terminated(BaseException):
-    """A stop signal arrived. Raised in the main thread, it unwinds the command the way Ctrl-C does,
-    so every `finally` and `except BaseException` clean-up runs (quantize deletes its partial
-    directory, chat saves its history). Not a KeyboardInterrupt: in chat that only stops an answer
-    or discards a line, and these signals mean "stop the program"."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:

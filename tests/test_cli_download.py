@@ -338,7 +338,9 @@ def test_missing_shard_is_never_success_and_a_fixed_repo_completes(hub, env):
     assert hub.file_gets() - gets == 1 and hub.file_gets("model-00002-of-00002.safetensors") == 1
 
 
-def test_ctrl_c_stops_at_once_in_a_real_process_and_leaves_no_partial_files(hub, env):
+@pytest.mark.parametrize(("stop", "code", "said"), [(signal.SIGINT, 130, "interrupted"),
+                                                    (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_ctrl_c_or_sigterm_stops_at_once_in_a_real_process_and_leaves_no_partial_files(hub, env, stop, code, said):
     big = "model-00002-of-00002.safetensors"
     hub.stall_during = big
     proc = subprocess.Popen([sys.executable, "-m", "aria_cli", "download", REPO], env=dict(os.environ),
@@ -355,12 +357,11 @@ def test_ctrl_c_stops_at_once_in_a_real_process_and_leaves_no_partial_files(hub,
     while not half_there() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert half_there()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     # Without the immediate exit this would hang until the stalled transfer is released (never, here).
     out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130
-    assert err.splitlines()[-2:] == [f"completed files are kept; run `aria download {REPO}` again to resume",
-                                     "interrupted"]
+    assert proc.returncode == code
+    assert err.splitlines()[-2:] == [f"completed files are kept; run `aria download {REPO}` again to resume", said]
     assert out == ""
     hub.stall_during = None
     hub.release.set()
