@@ -6,7 +6,10 @@
   stop), including the slow tokenizer's removal of the first piece's leading space.
 - Stops on `<|im_end|>` and eos (Tokenizer.stop_ids, P8) and on any stop string. Text that could
   be the beginning of a stop string is held back until it is clear, so a stop string split over
-  tokens is never printed; text after it is dropped.
+  tokens is never printed; text after it is dropped. Stop strings are matched in the answer's
+  text as the user sees it, unlike transformers' StopStringCriteria, which also matches in the
+  prompt's tail and in the raw first piece (" the" stops there on a leading "▁the"; here the
+  answer starts "the", as printed).
 """
 
 from __future__ import annotations

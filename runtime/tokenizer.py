@@ -140,8 +140,7 @@ class Tokenizer:
             return b""
         if sp.is_byte(token_id):
             return bytes([int(sp.id_to_piece(token_id)[3:5], 16)])  # "<0xAB>"
-        if sp.is_unused(token_id):
-            return b""
+        # UNUSED pieces fall through: SentencePiece (and so the reference) prints their text.
         piece = sp.id_to_piece(token_id)
         if first and piece.startswith("▁"):
             piece = piece[1:]

@@ -191,6 +191,30 @@ def test_decode_matches_sentencepiece_by_hand(tok, sp):
         assert tok.decode(ids) == expected, ids
 
 
+def test_unused_pieces_decode_as_sentencepiece_decodes_them(model_dir, tmp_path):
+    """A piece typed UNUSED still has its text (SentencePiece and the slow Llama tokenizer print it)."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString((model_dir / "tokenizer.model").read_bytes())
+    original = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+    unused = [original.piece_to_id(piece) for piece in ("▁the", "▁a", "er")]
+    for token_id in unused:
+        proto.pieces[token_id].type = model_pb2.ModelProto.SentencePiece.UNUSED
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(proto.SerializeToString())
+    retyped, sp_retyped = Tokenizer(path), spm.SentencePieceProcessor(model_file=str(path))
+    assert all(sp_retyped.is_unused(token_id) for token_id in unused)
+    rng = random.Random(1)
+    for _ in range(500):
+        ids = [rng.choice(unused) if rng.random() < 0.3 else rng.randrange(1, retyped.vocab_size)
+               for _ in range(rng.randrange(1, 10))]
+        expected = sp_retyped.decode(ids)
+        if sp_retyped.id_to_piece(ids[0]).startswith("▁"):
+            expected = expected[1:]
+        assert retyped.decode(ids) == expected, ids
+
+
 def test_decode_matches_fast_reference(tok, fast_reference):
     for text in CORPUS:
         ids = tok.encode(text)
