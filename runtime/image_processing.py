@@ -109,7 +109,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _to_8bit_grey(image: Image.Image) -> Image.Image:
-    values = np.asarray(image).astype(np.int64)
-    if image.mode.startswith("I;16") or (values.size and values.max() > 255):
-        values = values >> 8  # 16-bit samples: keep the high byte
-    return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
+    raw = np.asarray(image).astype(np.int64)
+    values = raw
+    if image.mode.startswith("I;16") or (raw.size and raw.max() > 255):
+        values = raw >> 8  # 16-bit samples: keep the high byte
+    grey = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
+    key = image.info.get("transparency")
+    if isinstance(key, int):  # a transparent sample value (PNG tRNS): an alpha band, as to_rgb expects
+        alpha = Image.fromarray(np.where(raw == key, 0, 255).astype(np.uint8))
+        return Image.merge("LA", (grey, alpha))
+    return grey

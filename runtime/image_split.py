@@ -14,8 +14,9 @@ per picture; nothing is shared across the pictures of one prompt (the transforme
 single `num_crops` for all images is wrong, P6).
 
 Difference from the original, on purpose: the picture is already RGB here (image_processing
-converts first), so palette images are resized bicubically instead of with Pillow's
-nearest-neighbour default for mode "P".
+converts first, transparency on white), so every other mode is tiled from its RGB form: palette
+and bilevel pictures are resized bicubically instead of with Pillow's nearest-neighbour default
+for "P" and "1", and I/F/CMYK/YCbCr ones at 8-bit RGB precision. The global view is unchanged.
 """
 
 from __future__ import annotations

@@ -141,3 +141,24 @@ def test_tiny_crop_size_for_test_models():
     assert out.pixel_values.shape == (1, 3, 28, 28)
     # The short-side floor (336 in Aria) cannot exceed the crop: 14 rows become 28.
     assert out.pixel_mask.all()
+
+
+def test_keyed_transparency_of_wide_grey_pictures_goes_on_white(reference):
+    # Mode I with a transparency key (8-bit values): exactly the reference, which composites the
+    # keyed samples on white. A 16-bit PNG with tRNS: the same, on the hand-scaled 8-bit picture.
+    samples = np.random.default_rng(0).integers(0, 256, (40, 60)).astype(np.int32)
+    keyed = Image.fromarray(samples)
+    keyed.info["transparency"] = int(samples[3, 5])
+    assert keyed.mode == "I"
+    _assert_matches_reference(reference, [keyed], 490)
+    assert to_rgb(keyed).getpixel((5, 3)) == (255, 255, 255)
+
+    ramp = (np.arange(40 * 60, dtype=np.uint32).reshape(40, 60) * 27).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, "PNG", transparency=int(ramp[2, 7]))
+    sixteen = load_image(buffer.getvalue())
+    assert sixteen.mode.startswith("I") and "transparency" in sixteen.info
+    eight = Image.fromarray((ramp >> 8).astype(np.uint8)).convert("RGBA")
+    eight.putpixel((7, 2), (0, 0, 0, 0))
+    expected = reference([eight], max_image_size=490, return_tensors="np")["pixel_values"]
+    assert np.abs(preprocess_images([sixteen], 490).pixel_values.numpy() - expected).max() <= 1e-6
