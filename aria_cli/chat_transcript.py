@@ -28,6 +28,7 @@ from runtime.errors import AriaError, UsageError
 
 from .chat_settings import settings_json, updated_from_json
 from .options import RunOptions
+from .settings import not_utf8
 
 FORMAT = "aria-chat"
 VERSION = 1
@@ -54,7 +55,10 @@ def save_transcript(path: Path, conversation: Conversation, settings: RunOptions
     path = path.expanduser().absolute()  # `.` and `/` have no name to put the temporary file beside
     if path.is_dir():
         raise UsageError(f"{path} is a directory; give a file name, e.g. /save {path / 'chat.json'}")
-    text = json.dumps(transcript_json(conversation, settings, model), ensure_ascii=False, indent=2) + "\n"
+    record = transcript_json(conversation, settings, model)
+    text = json.dumps(record, ensure_ascii=False, indent=2) + "\n"
+    if not_utf8(text):  # an image path with bytes that are not UTF-8 (legal in Linux file names)
+        text = json.dumps(record, indent=2) + "\n"  # \u escapes read back to the same path
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         temporary.write_text(text, encoding="utf-8")

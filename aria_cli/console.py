@@ -59,6 +59,18 @@ def guard_closed_stdout() -> None:
         sys.stdout = _ClosedStdout()
 
 
+def stdout_is_closed() -> bool:
+    return isinstance(sys.stdout, _ClosedStdout)
+
+
+def output_error(exc: OSError) -> AriaError:
+    """One line for a write to stdout that failed."""
+    problem = {errno.EBADF: "standard output is closed; redirect it to a file or /dev/null",
+               errno.ENOSPC: "no space left on device; free some space or write it elsewhere"}.get(
+        exc.errno, f"{exc.strerror or exc}; check where standard output goes")
+    return AriaError(f"cannot write the output: {problem}")
+
+
 @contextlib.contextmanager
 def writing_stdout() -> Iterator[None]:
     """A failed write of the result becomes one line that says so. A reader that went away (EPIPE,
@@ -68,10 +80,7 @@ def writing_stdout() -> Iterator[None]:
     except OSError as exc:
         if exc.errno == errno.EPIPE:
             raise
-        problem = {errno.EBADF: "standard output is closed; redirect it to a file or /dev/null",
-                   errno.ENOSPC: "no space left on device; free some space or write it elsewhere"}.get(
-            exc.errno, f"{exc.strerror or exc}; check where standard output goes")
-        raise AriaError(f"cannot write the output: {problem}") from None
+        raise output_error(exc) from None
 
 
 def stderr_is_terminal() -> bool:

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from runtime.errors import CheckpointError, UsageError
 
 from . import console
-from .errors import Terminated
+from .errors import STOPPED
 from .hub import hub_cache_dir, hub_endpoint, hub_errors, repo_folder
 from .models import cached_snapshot, not_downloaded, parse_model
 from .settings import format_size
@@ -129,7 +129,7 @@ def _download(name: str, repo_id: str, revision: str, max_workers: int) -> Downl
     with _library_quiet(), progress, hub_errors(repo_id, revision):
         try:
             path = Path(_wait_for(fetch, tick=progress.refresh))
-        except (KeyboardInterrupt, Terminated):
+        except STOPPED:
             console.info(f"completed files are kept; run `aria download {name}` again to resume")
             raise
     if path.name != commit:  # the repo moved on between the listing and the download
@@ -206,7 +206,7 @@ def _library_quiet() -> Iterator[None]:
     interrupted = False
     try:
         yield
-    except (KeyboardInterrupt, Terminated):
+    except STOPPED:
         interrupted = True  # the thread pool is still winding down: keep it quiet until exit
         raise
     finally:

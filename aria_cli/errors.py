@@ -13,6 +13,7 @@ script and for Typer's CliRunner in tests.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -20,7 +21,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from typer.core import TyperGroup
@@ -48,6 +49,10 @@ class Terminated(BaseException):
 # Whether the running command has --debug. One process runs one command; AriaGroup resets it
 # when a command line starts being parsed (tests run many in one process).
 _debug = {"on": False}
+
+
+# What stops a command from outside: Ctrl-C, or a stop signal (see main.py).
+STOPPED = (KeyboardInterrupt, Terminated)
 
 
 def mark_debug(debug: bool) -> None:
@@ -79,6 +84,8 @@ def report(exc: BaseException, *, debug: bool = False, command_path: str = "aria
         return EXIT_ERROR
     if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
         return EXIT_ERROR  # stdout closed by the reader (`aria ... | head`): nothing to say
+    if isinstance(exc, OSError) and exc.errno == errno.EBADF and console.stdout_is_closed():
+        exc = console.output_error(exc)  # e.g. --help, printed by click, with stdout closed
     if isinstance(exc, AriaError):
         console.error(str(exc))
         code = exc.exit_code
@@ -133,9 +140,17 @@ class AriaTyper(typer.Typer):
         try:
             return super().__call__(*args, **kwargs)
         except SystemExit as exit_:
-            busy = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
-            if exit_.code == EXIT_INTERRUPTED and busy:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(EXIT_INTERRUPTED)
+            if exit_.code == EXIT_INTERRUPTED:
+                exit_at_once(EXIT_INTERRUPTED)
             raise
+
+
+def exit_at_once(code: int) -> NoReturn:
+    """Exit with `code` after a stop (Ctrl-C, SIGTERM) without waiting for worker threads still
+    running (a download's pool), which Python would join first even when they are daemons."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):  # the reader or (after SIGHUP) the terminal may be gone
+            stream.flush()
+    if any(t.is_alive() for t in threading.enumerate() if t is not threading.main_thread()):
+        os._exit(code)
+    sys.exit(code)

@@ -13,7 +13,6 @@ A new command (ask, chat, quantize, plan) lives in its own module: it takes its 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sys
 import threading
@@ -24,7 +23,7 @@ from . import console
 from .ask import ask
 from .chat import chat
 from .demo_command import demo
-from .errors import AriaGroup, AriaTyper, Terminated
+from .errors import AriaGroup, AriaTyper, Terminated, exit_at_once
 from .model_commands import download, models, rm
 from .plan_command import plan
 from .quantize_command import quantize
@@ -56,19 +55,13 @@ def _stop_signals_unwind() -> Iterator[None]:
 
 
 def _exit_terminated(stop: Terminated) -> NoReturn:
-    # 128 + the signal number (143 for SIGTERM, 129 for SIGHUP): what a shell reports for a
-    # process the signal ended, as 130 is for Ctrl-C (errors.py).
-    code = 128 + stop.signum
-    with contextlib.suppress(OSError):  # stdout's reader or (after SIGHUP) the terminal may be gone
-        sys.stdout.flush()
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
         # Not through Rich: a signal that lands inside a Rich print leaves that line in its buffer,
         # and the next print through it would write the line again.
         sys.stderr.write(f"terminated ({stop})\n")
-        sys.stderr.flush()
-    if any(t.is_alive() for t in threading.enumerate() if t is not threading.main_thread()):
-        os._exit(code)  # as AriaTyper after Ctrl-C: do not wait for worker threads (a download's pool)
-    sys.exit(code)
+    # 128 + the signal number (143 for SIGTERM, 129 for SIGHUP): what a shell reports for a
+    # process the signal ended, as 130 is for Ctrl-C (errors.py).
+    exit_at_once(128 + stop.signum)
 
 
 class _StoppableTyper(AriaTyper):

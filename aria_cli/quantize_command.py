@@ -15,9 +15,8 @@ import typer
 
 from quant import DEFAULT_SCHEME, get_scheme, scheme_names
 from runtime.checkpoint import open_checkpoint
-from runtime.config import load_config
 from runtime.convert import ConvertResult, checked_output, quantize_checkpoint
-from runtime.errors import ConfigError, UsageError
+from runtime.errors import UsageError
 from runtime.quant_targets import quantized_families
 
 from . import console
@@ -40,23 +39,6 @@ def output_dir(output: str | None, src: str, scheme: str) -> Path:
     if "/" in output or "\\" in output or output in (".", "..") or output.startswith("~"):
         return Path(output).expanduser()
     return local_models_dir() / output
-
-
-def _check_not_replacing_other_files(out: Path) -> None:
-    """--force replaces an earlier model, never a directory of something else (photos, a project)."""
-    if out.is_dir() and not _is_empty_or_model(out):
-        raise UsageError(f"{out} exists and is not an Aria model directory; choose another -o "
-                         "(--force only replaces a model directory)")
-
-
-def _is_empty_or_model(folder: Path) -> bool:
-    try:
-        if not any(folder.iterdir()):
-            return True
-        load_config(folder)
-    except (ConfigError, OSError):
-        return False
-    return True
 
 
 def _check_scheme(name: str) -> str:
@@ -127,9 +109,7 @@ def quantize(
     after (stdout) and the time and throughput (stderr).
     """
     scheme = _check_scheme(scheme)
-    out = output_dir(output, src, scheme).resolve()
-    _check_not_replacing_other_files(out)
-    out = checked_output(out, force)  # checked again by the converter; here before any download
+    out = checked_output(output_dir(output, src, scheme), force)  # checked again by the converter; here before any download
     source = resolve_model_dir(src, offline=opts.offline)
     tensors = len(open_checkpoint(source).names())
     started = time.perf_counter()

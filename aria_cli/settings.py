@@ -225,7 +225,7 @@ class Setting:
     # After ARIA_<NAME>: the value another tool's variables give, read by that tool's own rules
     # (None when they say nothing), e.g. huggingface_hub's offline switch.
     foreign_env: Callable[[Mapping[str, str]], Any] | None = None
-    text: bool = False  # text the model reads, so it must be UTF-8 (see utf8_text)
+    text: bool = False  # text the model reads or matches, so it must be UTF-8 (see utf8_text)
 
     @property
     def env_name(self) -> str:
@@ -249,7 +249,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("top_p", "--top-p", _as_float, 1.0, _top_p),
         Setting("top_k", "--top-k", _as_int, 0, _at_least(0)),
         Setting("seed", "--seed", _as_int, None, _seed_range),
-        Setting("stop", "--stop", _as_str_list, ()),
+        Setting("stop", "--stop", _as_str_list, (), text=True),
         Setting("system", "--system", _as_str, None, text=True),
         Setting("split_image", "--split-image", _as_bool, False),
         Setting("image_size", "--image-size", _int_choice(490, 980), 980),
@@ -289,7 +289,8 @@ def _validated(setting: Setting, raw: Any, source: str) -> Any:
     if problem:
         raise UsageError(f"{source} {problem} (got {_shown(raw)})")
     if setting.text and value is not None:
-        utf8_text(value, source)
+        for text in (value,) if isinstance(value, str) else value:  # --stop is a list of texts
+            utf8_text(text, source)
     return value
 
 

@@ -159,6 +159,7 @@ def worker_ours(args) -> dict:
 
         # Inductor drops CUDA graphs with only a log line when something in the step cannot be captured.
         out["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+        out["cuda_graphs"] = session.cuda_graphs
     if not args.quant:
         out.update(roofline(model, clock, args.repeats))
     return out
@@ -388,6 +389,8 @@ def _report(rows: dict, args) -> None:
 def _graph_note(row: dict, args) -> str:
     if not args.device.startswith("cuda"):
         return ""
+    if not row.get("cuda_graphs"):
+        return "; no CUDA graphs (offloaded experts)"
     skips = row.get("cudagraph_skips", 0)
     return f"; CUDA graphs skipped {skips} time(s): see TORCH_LOGS=perf_hints" if skips else "; in CUDA graphs"
 

@@ -19,6 +19,9 @@ from torch import Tensor
 
 # (shape, dtype) of each packed tensor, keyed by the suffix the converter appends to the weight name.
 PackedSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+# Bytes kernel inputs start on: kernels read whole vectors (int8's CPU one crashes off 16 or 32),
+# and PyTorch's own CPU allocations are aligned so.
+KERNEL_ALIGNMENT = 64
 # A kernel takes a contiguous 2-D activation in the prepared compute dtype and returns [rows, out].
 Kernel = Callable[[Tensor, dict[str, Tensor]], Tensor]
 
@@ -233,11 +236,11 @@ class Scheme(ABC):
             raise ValueError(f"{self.name} has kernels for cpu and cuda, not {device.type}")
         return Prepared(self.name, shape[0], shape[1], device, dtype, kernel, tensors, plain)
 
-    def matmul(self, x: Tensor, prepared: Prepared, tensors: dict[str, Tensor] | None = None) -> Tensor:
+    def matmul(self, x: Tensor, prepared: Prepared, kernel_tensors: dict[str, Tensor] | None = None) -> Tensor:
         """x [..., in] (any float dtype) @ weight.T -> [..., out] in x's dtype.
 
-        `tensors`: kernel tensors to use instead of prepared's own, laid out alike (another
-        expert's, gathered on the device); the product then always takes the kernel."""
+        `kernel_tensors`: to use instead of prepared's own, laid out alike (another expert's,
+        gathered on the device); the product then always takes the kernel."""
         # A decode step makes ~20 of these calls per layer, each a few microseconds of kernel:
         # no-op casts and copies are skipped rather than dispatched.
         if prepared.scheme != self.name:
@@ -258,10 +261,10 @@ class Scheme(ABC):
             rows = rows.to(prepared.dtype)
         if not rows.is_contiguous():
             rows = rows.contiguous()
-        if tensors is None and prepared.plain and rows.shape[0] >= self.cpu_gemm_min_rows:
+        if kernel_tensors is None and prepared.plain and rows.shape[0] >= self.cpu_gemm_min_rows:
             y = self._cpu_gemm(rows, prepared.plain)
         else:
-            y = prepared.kernel(rows, prepared.tensors if tensors is None else tensors)
+            y = prepared.kernel(rows, prepared.tensors if kernel_tensors is None else kernel_tensors)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y if len(lead) == 1 else y.view(*lead, prepared.out_features)

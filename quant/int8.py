@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Kernel, PackedSpec, Scheme
+from .base import KERNEL_ALIGNMENT, Kernel, PackedSpec, Scheme
 
 MIN_SCALE = torch.finfo(torch.float32).eps
-CPU_KERNEL_ALIGNMENT = 64  # bytes; `_weight_int8pack_mm` needs 16, PyTorch allocates at 64
 BF16_KERNEL_FEATURES = 16  # `_weight_int8pack_mm` in bfloat16 needs in_features to be a multiple
 
 
@@ -59,7 +58,7 @@ class Int8Scheme(Scheme):
         # crashes on codes at 8 bytes past a boundary), which a view into a safetensors file
         # need not be: such codes get their own allocation (64-byte aligned).
         qdata = packed["qdata"].contiguous()
-        if qdata.data_ptr() % CPU_KERNEL_ALIGNMENT:
+        if qdata.data_ptr() % KERNEL_ALIGNMENT:
             qdata = qdata.clone()
         tensors = {"qdata": qdata, "scale": packed["scale"].to(dtype)}
         # In bfloat16 the kernel reads whole 16-feature vectors: other widths give garbage (or
@@ -90,7 +89,7 @@ def _mm_cpu(x: Tensor, tensors: dict[str, Tensor]) -> Tensor:
     # The kernel also crashes (bfloat16) on activations off a 32-byte boundary, e.g. one row
     # sliced out of a wider tensor, which still counts as contiguous. (A compiled graph has no
     # addresses to check; its buffers are fresh allocations.)
-    if not torch.compiler.is_compiling() and x.data_ptr() % CPU_KERNEL_ALIGNMENT:
+    if not torch.compiler.is_compiling() and x.data_ptr() % KERNEL_ALIGNMENT:
         x = x.clone()
     return torch.ops.aten._weight_int8pack_mm(x, tensors["qdata"], tensors["scale"])
 

@@ -6,8 +6,7 @@ tensors in rows of one block, `gather(ids)` copies the chosen experts' rows by d
 (index_select) and the kernels run on the copies: no host read, at the price of copying the
 active weights once per step (gpt-fast's Mixtral does the same with its expert weights).
 
-Each expert's row starts 64 bytes apart from the last multiple: kernels want aligned data
-(int8's CPU kernel crashes on codes 8 bytes off a 16-byte boundary).
+Each expert's row starts on a KERNEL_ALIGNMENT boundary, as kernels want their data.
 """
 
 from __future__ import annotations
@@ -18,9 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .base import Prepared
-
-ROW_ALIGNMENT = 64  # bytes
+from .base import KERNEL_ALIGNMENT, Prepared
 
 
 @dataclass(frozen=True)
@@ -36,9 +33,6 @@ class StackedPrepared:
         picked = {name: block.index_select(0, ids) for name, block in self.blocks.items()}
         return [{name: picked[name][j, : t.numel()].view(t.shape) for name, t in like.items()}
                 for j in range(ids.shape[0])]
-
-    def tensors(self) -> list[Tensor]:
-        return list(self.blocks.values())
 
 
 def stack_prepared(prepared: Iterable[Prepared], count: int) -> StackedPrepared:
@@ -60,6 +54,6 @@ def stack_prepared(prepared: Iterable[Prepared], count: int) -> StackedPrepared:
 
 
 def _block(count: int, like: Tensor) -> Tensor:
-    per_row = ROW_ALIGNMENT // like.element_size()
+    per_row = KERNEL_ALIGNMENT // like.element_size()
     row = -(-like.numel() // per_row) * per_row
     return torch.empty(count, row, dtype=like.dtype, device=like.device)

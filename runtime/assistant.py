@@ -136,14 +136,15 @@ class Reply:
 class Assistant:
     def __init__(self, model, tokenizer: Tokenizer, name: str, load_s: float = 0.0,
                  max_context: int = DEFAULT_MAX_CONTEXT, crop_size: int = 980, split_image: bool = False,
-                 compile: bool | str = False, offload: OffloadEngine | None = None):
+                 compile: bool | str = False, offload: OffloadEngine | None = None, cuda_graphs: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.load_s = load_s
         self.crop_size = crop_size
         self.split_image = split_image
-        self.session = Session(model, min(max_context, model.config.text.max_position_embeddings), compile=compile)
+        self.session = Session(model, min(max_context, model.config.text.max_position_embeddings), compile=compile,
+                               cuda_graphs=cuda_graphs)
         self.offload = offload  # the expert offload engine, when a plan put experts in host memory
         # Per picture object, computed once. The picture is kept with its pixels: were it freed, a
         # new picture could get its id() and be answered with the old one's pixels (chat /clear).
@@ -163,7 +164,9 @@ class Assistant:
                                           quant_lm_head=quant_lm_head, staged=offloaded)
         engine = apply_offload(model, plan, device) if offloaded else None
         tokenizer = Tokenizer.from_dir(model_dir, model.config)
-        return cls(model, tokenizer, name or str(model_dir), time.perf_counter() - started, offload=engine, **options)
+        graphs = plan is None or plan.graph_bytes > 0  # a plan that left no room for them says no
+        return cls(model, tokenizer, name or str(model_dir), time.perf_counter() - started, offload=engine,
+                   cuda_graphs=graphs, **options)
 
     def _pixels(self, images: list[Image.Image]) -> ProcessedImages:
         parts = []

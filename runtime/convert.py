@@ -28,7 +28,7 @@ from quant import Scheme
 from .checkpoint import open_checkpoint
 from .checkpoint_writer import write_checkpoint
 from .config import load_config
-from .errors import AriaError, UsageError
+from .errors import AriaError, ConfigError, UsageError
 from .quant_targets import (
     QUANTIZED_FAMILIES,
     first_unsupported,
@@ -121,7 +121,7 @@ def quantize_checkpoint(
     quant_config = dataclasses.replace(
         config, quantization={**scheme.metadata(), "modules": list(families)}
     )
-    with _write_errors(out), _partial_dir(out) as tmp:
+    with _write_errors(out, src), _partial_dir(out) as tmp:
         write_checkpoint(tmp, stream(), quant_config, layout="c1", max_shard_bytes=max_shard_bytes, overwrite=True)
         if report.unquantized_experts():  # cannot happen by construction; never ship it if it does
             raise AriaError("some routed experts were left unquantized; nothing was written")
@@ -145,16 +145,30 @@ def checked_output(out: str | Path, force: bool) -> Path:
 
 
 def _check_replaceable(out: Path) -> None:
-    # Replacing is a rename of `out` then deleting the old one: only for a directory that can be
-    # renamed and whose loss cannot pull the ground from under this process.
+    # Replacing is a rename of `out` then deleting the old one: only for an earlier model (or an
+    # empty directory), never a folder of something else, and only one that can be renamed and
+    # whose loss cannot pull the ground from under this process.
     if not out.is_dir():
         raise UsageError(f"{out} exists and is not a directory; choose another -o (--force only replaces a directory)")
+    if not _is_empty_or_model(out):
+        raise UsageError(f"{out} exists and is not an Aria model directory; choose another -o "
+                         "(--force only replaces a model directory)")
     if os.path.ismount(out):
         raise UsageError(f"{out} is a mount point and cannot be replaced; choose a new directory inside it "
                          f"(e.g. -o {out / 'NAME'})")
     cwd = Path.cwd().resolve()
     if out == cwd or out in cwd.parents:
         raise UsageError(f"{out} is the current directory or contains it and cannot be replaced; choose another -o")
+
+
+def _is_empty_or_model(folder: Path) -> bool:
+    try:
+        if not any(folder.iterdir()):
+            return True
+        load_config(folder)
+    except (ConfigError, OSError):
+        return False
+    return True
 
 
 def _check_writable(out: Path) -> None:
@@ -202,8 +216,9 @@ def _partial_dir(out: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def _write_errors(out: Path) -> Iterator[None]:
-    """A failed write (read-only, full, gone...) -> one line naming the output and the reason."""
+def _write_errors(out: Path, src: Path) -> Iterator[None]:
+    """A failed write (read-only, full, gone...) -> one line naming the output and the reason; a
+    failed read of the source (a side file it cannot open) names that file instead."""
     try:
         yield
     except (OSError, SafetensorError) as exc:
@@ -211,6 +226,9 @@ def _write_errors(out: Path) -> Iterator[None]:
         if error is None:
             raise
         reason = error.strerror or str(error)
+        if error.filename is not None and Path(error.filename).resolve().is_relative_to(src.resolve()):
+            raise AriaError(f"cannot read {error.filename}: {reason[:1].lower()}{reason[1:]}; check the source "
+                            "model's files") from exc
         advice = "free some space or choose another -o" if error.errno in (errno.ENOSPC, errno.EDQUOT) else (
             "choose another -o")
         raise AriaError(f"cannot write {out}: {reason[:1].lower()}{reason[1:]}; {advice}") from exc

@@ -76,8 +76,10 @@ class _TokenReader:
 
 
 class Session:
-    def __init__(self, model: AriaForConditionalGeneration, max_len: int, compile: bool | str = False):
-        """`compile`: run decode as one compiled static-shape graph (CUDA graphs on a GPU), True for
+    def __init__(self, model: AriaForConditionalGeneration, max_len: int, compile: bool | str = False,
+                 cuda_graphs: bool = True):
+        """`compile`: run decode as one compiled static-shape graph (CUDA graphs on a GPU, where the
+        model allows and `cuda_graphs`: a placement without room for them says False), True for
         torch.compile's default backend or a backend name; the first step pays the compilation,
         reported in `compile_seconds`. Off by default: on the CPU it costs a C++ build."""
         self.model = model
@@ -90,8 +92,10 @@ class Session:
         # On CUDA the next step is queued before the host reads the current token (see generate).
         self._ahead = model.device.type == "cuda"
         self._compiled = None
+        self.cuda_graphs = False  # whether compiled decode runs in CUDA graphs
         if compile:
-            self._compiled = _compile_decode(model, self.cache, "inductor" if compile is True else compile)
+            backend = "inductor" if compile is True else compile
+            self._compiled, self.cuda_graphs = _compile_decode(model, self.cache, backend, cuda_graphs)
             self._position = torch.zeros(1, dtype=torch.long, device=model.device)
 
     def reset(self) -> None:
@@ -198,7 +202,7 @@ class Session:
                 token = sampler(logits)
 
 
-def _compile_decode(model: AriaForConditionalGeneration, cache, backend: str):
+def _compile_decode(model: AriaForConditionalGeneration, cache, backend: str, cuda_graphs: bool):
     """decode_logits as a static-shape graph: positions on the device, the whole cache attended.
 
     Not `fullgraph`: an expert store that reads the expert ids on the host (offloaded experts;
@@ -211,11 +215,12 @@ def _compile_decode(model: AriaForConditionalGeneration, cache, backend: str):
         # a gathered expert's weights and int8's dequantized codes are then read in place, not
         # written out first (gpt-fast's setting; process-wide, as inductor's config is).
         torch._inductor.config.coordinate_descent_tuning = True
-    graphs = gpu and ready_for_graphs(model, cache)
-    return torch.compile(decode_logits, dynamic=False, backend=backend, mode="reduce-overhead" if graphs else None)
+    graphs = gpu and cuda_graphs and prepare_for_cuda_graphs(model, cache)
+    mode = "reduce-overhead" if graphs else None
+    return torch.compile(decode_logits, dynamic=False, backend=backend, mode=mode), graphs
 
 
-def ready_for_graphs(model: AriaForConditionalGeneration, cache) -> bool:
+def prepare_for_cuda_graphs(model: AriaForConditionalGeneration, cache) -> bool:
     """Make a decode step something a CUDA graph can hold, if the model allows; returns whether.
 
     A graph cannot hold a host read, so resident experts switch to choosing on the device

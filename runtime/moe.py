@@ -228,8 +228,7 @@ class RoutedExperts(nn.Module):
 
     def gather_on_device(self) -> None:
         """From now on a compiled one-token step takes its experts' weights by device index
-        (gathered_routed_sum) where grouped_mm would read the group sizes on the host. Eager
-        steps keep their dispatch: the copy only pays where it lets a CUDA graph hold the step."""
+        (gathered_routed_sum) where grouped_mm would read the group sizes on the host."""
         self.gathers = True
 
     def can_gather_on_device(self) -> bool:
@@ -239,8 +238,7 @@ class RoutedExperts(nn.Module):
         return swiglu_expert(x, self.fc1.weight[expert], self.fc2.weight[expert])
 
     def forward(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
-        if (self.gathers and x.shape[0] == 1 and torch.compiler.is_compiling()
-                and not (x.device.type != "cpu" and grouped_mm_supported(x))):
+        if gathering_now(self, x) and not (x.device.type != "cpu" and grouped_mm_supported(x)):
             return gathered_routed_sum(x, top_idx, top_w, self.fc1.weight, self.fc2.weight)
         if torch.compiler.is_compiling():
             return _float_routed_sum_op(x, top_idx, top_w, self.fc1.weight, self.fc2.weight)
@@ -281,6 +279,12 @@ class MoEBlock(nn.Module):
         top_idx, top_w = self.route(flat)
         routed = self.experts(flat, top_idx, top_w)
         return (routed + self.shared_experts(flat)).reshape(shape)
+
+
+def gathering_now(store: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `store` (switched by gather_experts_on_device) gathers for this step: a compiled
+    one-token step. Eager steps keep the host-read dispatch: the copy only pays inside a graph."""
+    return store.gathers and x.shape[0] == 1 and torch.compiler.is_compiling()
 
 
 def gather_experts_on_device(model: nn.Module) -> bool:

@@ -287,7 +287,8 @@ def plan_placement(
     """Decide where everything lives on a device with `budget` bytes (raises PlacementError if
     nothing fits, UsageError for flags out of range). `scheme` None = float weights in `dtype`;
     `quantized`: the families it packs (runtime.quant_targets); `compiled`: decode runs compiled,
-    which with every expert resident means CUDA graphs (see graph_pool_bytes)."""
+    which with every expert resident means CUDA graphs (see graph_pool_bytes) where there is room
+    for them (Plan.graph_bytes > 0)."""
     t = config.text
     n_layers, n_experts = t.num_hidden_layers, t.moe_num_experts
     _check_flags(t, budget, context, n_cpu_moe, expert_slots, miss_policy)
@@ -308,9 +309,11 @@ def plan_placement(
                     n_experts, t.moe_topk, min(context, prefill_chunk), miss_policy, bandwidth, graphs)
 
     all_resident = n_gpu * n_experts * weights.expert
-    graphs = graph_pool_bytes(t, weights) if compiled and not n_host else 0
-    if expert_slots in (None, n_experts) and fixed + graphs + all_resident <= budget:
-        return make([(DEVICE, n_experts)] * n_gpu, 0, graphs)
+    if expert_slots in (None, n_experts) and fixed + all_resident <= budget:
+        # Compiled, the experts' graphs need room too; without it decode compiles without graphs,
+        # still far better than offloading experts that fit.
+        graphs = graph_pool_bytes(t, weights) if compiled and not n_host else 0
+        return make([(DEVICE, n_experts)] * n_gpu, 0, graphs if fixed + graphs + all_resident <= budget else 0)
     stream = STREAM_BUFFERS if n_gpu else 0
     room = budget - fixed - stream * slot
     if room < 0:

@@ -18,7 +18,7 @@ from torch import nn
 
 from quant import Prepared, QuantizedLinear, Scheme, StackedPrepared, slice_packed, stack_prepared
 
-from .moe import RoutedExperts, one_token_routed_sum, routed_sum, swiglu
+from .moe import RoutedExperts, gathering_now, one_token_routed_sum, routed_sum, swiglu
 from .quant_targets import (
     FAMILIES,
     QUANTIZED_FAMILIES,
@@ -58,7 +58,7 @@ class QuantizedRoutedExperts(nn.Module):
         return mm(swiglu(mm(x, self.fc1[expert])), self.fc2[expert])
 
     def forward(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
-        if self.gathers and x.shape[0] == 1 and torch.compiler.is_compiling():
+        if gathering_now(self, x):
             return self._gathered(x, top_idx, top_w)
         return self._dispatch_on_host(x, top_idx, top_w)
 
@@ -106,20 +106,21 @@ class QuantizedRoutedExperts(nn.Module):
         gather_on_device); on the CPU each expert on its own, where a prepared weight may be a
         view of the stored form (int8: the checkpoint's mapped pages) that stacking would copy."""
         fc1, fc2 = _still_packed(self._packed)
-        self._stacks = None
+        prepared = [self._prepared(fc1, device), self._prepared(fc2, device)]
         if torch.device(device).type == "cpu":
-            self.fc1 = [self.scheme.prepare(slice_packed(fc1, e), device, self.dtype) for e in range(self.num_experts)]
-            self.fc2 = [self.scheme.prepare(slice_packed(fc2, e), device, self.dtype) for e in range(self.num_experts)]
+            self._stacks = None
+            self.fc1, self.fc2 = (list(each) for each in prepared)
         else:
-            self._stacks = tuple(
-                stack_prepared((self.scheme.prepare(slice_packed(p, e), device, self.dtype)
-                                for e in range(self.num_experts)), self.num_experts)
-                for p in (fc1, fc2))
+            self._stacks = tuple(stack_prepared(each, self.num_experts) for each in prepared)
             self.fc1, self.fc2 = list(self._stacks[0].experts), list(self._stacks[1].experts)
         if not keeps_packed(device):
             self._packed = None
         if self.gathers:
             self.gather_on_device()  # stacks CPU experts too
+
+    def _prepared(self, packed: dict[str, torch.Tensor], device: torch.device | str):
+        """Each expert of `packed` prepared for `device`, one at a time, as they are consumed."""
+        return (self.scheme.prepare(slice_packed(packed, e), device, self.dtype) for e in range(self.num_experts))
 
     def expert_codec(self):
         """How the offload engine moves and runs these experts (runtime.offload.codec)."""

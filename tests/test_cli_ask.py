@@ -239,6 +239,9 @@ def test_stdout_closed_or_full_is_one_line(checkpoint):
                             stderr=subprocess.PIPE, timeout=120, check=False)
     assert (closed.returncode, closed.stderr.decode()) == (
         1, "error: cannot write the output: standard output is closed; redirect it to a file or /dev/null\n")
+    helped = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "aria_cli", "--help"],
+                            env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60, check=False)
+    assert (helped.returncode, helped.stderr) == (closed.returncode, closed.stderr)  # printed by click, same line
     for extra in ([], ["--json"]):
         with open("/dev/full", "w") as full:
             result = subprocess.run(command + extra, env=env, stdin=subprocess.DEVNULL, stdout=full,

@@ -206,6 +206,20 @@ def test_saved_transcript_is_the_documented_json(tmp_path, pictures):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_a_picture_whose_file_name_is_not_utf8_is_saved_and_reopened(tmp_path, pictures):
+    # Linux file names are bytes; Python shows a non-UTF-8 one with surrogates, which JSON escapes.
+    odd = tmp_path / os.fsdecode(b"caf\xe9.png")
+    odd.write_bytes(pictures[0].read_bytes())
+    chat = Conversation()
+    chat.add("user", "What colour?", [Image.open(odd)], [str(odd)])
+    path = tmp_path / "chat.json"
+    save_transcript(path, chat, default_options(), "demo")
+    from runtime.image_sources import load_image
+
+    loaded = load_transcript(path, default_options(), load_image)
+    assert loaded.missing_images == [] and loaded.conversation.turns[0].image_sources == [str(odd)]
+
+
 def test_transcript_round_trip_reopens_images_and_reports_missing_ones(tmp_path, pictures):
     opts = default_options(temperature=0.2, seed=7, stop=("###", "END"))
     path = tmp_path / "chat.json"

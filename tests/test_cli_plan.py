@@ -177,9 +177,10 @@ def test_no_network_fails_at_once_in_one_line(monkeypatch):
     import huggingface_hub.constants as hf_constants
 
     monkeypatch.setattr(hf_constants, "ENDPOINT", endpoint)  # as the hub fixture above does
-    started = time.monotonic()
+    waits = []  # huggingface_hub sleeps between its retries
+    monkeypatch.setattr(time, "sleep", waits.append)
     result = plan("-m", "someone/elsewhere", "--gpu-memory", "24GiB")
-    assert time.monotonic() - started < 10
+    assert waits == []
     assert result.exit_code == 1 and result.stdout == ""
     assert re.fullmatch(rf"error: cannot reach {endpoint} to look up someone/elsewhere \((?:ConnectError|ConnectionError): [^\n]*\); "
                         r"check your connection, or use --offline for models already downloaded\n",

@@ -329,6 +329,19 @@ def test_failures_while_writing_are_one_line_errors_and_leave_nothing(source, wo
     assert list(work.iterdir()) == []
 
 
+def test_a_source_file_that_cannot_be_read_is_named_not_the_output(source, work, monkeypatch):
+    def unreadable(src, dst, *args, **kwargs):  # root reads any file: the refusal is simulated
+        raise PermissionError(13, "Permission denied", str(src))
+
+    monkeypatch.setattr(runtime.convert.shutil, "copy2", unreadable)
+    result = run("quantize", source, "-o", work / "q", "--scheme", "int8")
+    assert (result.exit_code, result.stdout) == (1, "")
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"error: cannot read {Path(source).resolve()}/") and last.endswith(
+        ": permission denied; check the source model's files"), last
+    assert list(work.iterdir()) == []
+
+
 def test_free_space_message_states_the_whole_requirement(source, work, monkeypatch):
     # More than the model itself needs, less than the model plus the headroom kept free.
     monkeypatch.setattr(runtime.convert.shutil, "disk_usage", lambda p: type("Usage", (), {"free": 50_000_000})())

@@ -159,6 +159,8 @@ def test_the_hubs_offline_variables_read_as_huggingface_hub_reads_them(env, hf_h
         # Python's decoding of a non-UTF-8 argument byte (surrogateescape).
         (["-s", "Be \udcff brief"], ("error: --system is not UTF-8 text (byte 0xff); write it in UTF-8 (check the "
                                      "encoding of your terminal or file)")),
+        (["--stop", "###", "--stop", "\udcff"], ("error: --stop is not UTF-8 text (byte 0xff); write it in UTF-8 "
+                                                "(check the encoding of your terminal or file)")),
     ],
 )
 def test_bad_flag_values_are_one_line_usage_errors(env, args, message):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from quant import get_scheme, slice_packed, stack_prepared
-from quant.stacked import ROW_ALIGNMENT
+from quant.base import KERNEL_ALIGNMENT
 
 EXPERTS = 5
 CASES = [("int8", 40, 20, torch.float32), ("int8", 40, 20, torch.bfloat16), ("int4", 48, 128, torch.float32),
@@ -28,10 +28,10 @@ def test_gathered_experts_multiply_exactly_as_each_prepared_alone(name, out_feat
     x = torch.randn(1, in_features, generator=gen).to(dtype)
     for e in range(EXPERTS):
         assert torch.equal(scheme.matmul(x, stacked.experts[e]), scheme.matmul(x, alone[e]))
-        assert all(t.data_ptr() % ROW_ALIGNMENT == 0 for t in stacked.experts[e].tensors.values())
+        assert all(t.data_ptr() % KERNEL_ALIGNMENT == 0 for t in stacked.experts[e].tensors.values())
     ids = torch.tensor([3, 0, 3, 4])  # repeats are allowed: two tokens' choices may meet
     for j, tensors in enumerate(stacked.gather(ids)):
-        assert all(t.data_ptr() % ROW_ALIGNMENT == 0 for t in tensors.values())
+        assert all(t.data_ptr() % KERNEL_ALIGNMENT == 0 for t in tensors.values())
         got = scheme.matmul(x, stacked.experts[0], tensors)
         assert torch.equal(got, scheme.matmul(x, alone[int(ids[j])]))
 

@@ -165,8 +165,13 @@ def test_refuses_to_overwrite_without_force(sources, tmp_path):
     with pytest.raises(UsageError, match="--force"):
         quantize_checkpoint(sources["c1"], out, get_scheme("int8"))
     assert (out / "keep.txt").read_text() == "mine"
-    quantize_checkpoint(sources["c1"], out, get_scheme("int8"), force=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    with pytest.raises(UsageError, match="not an Aria model directory"):  # --force replaces models only
+        quantize_checkpoint(sources["c1"], out, get_scheme("int8"), force=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    quantize_checkpoint(sources["c1"], out, get_scheme("int8"), force=True)  # an empty directory
+    quantize_checkpoint(sources["c1"], out, get_scheme("int8"), force=True)  # an earlier model
+    assert (out / "config.json").is_file()
 
 
 def test_interrupted_run_leaves_nothing_that_loads(sources, tmp_path):
