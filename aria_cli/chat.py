@@ -7,6 +7,8 @@ ends the chat with an error (exit 1); everything after that is handled inside th
 
 from __future__ import annotations
 
+import sys
+
 from runtime.errors import UsageError
 
 from .options import RunOptions, with_options
@@ -24,6 +26,9 @@ def chat(opts: RunOptions) -> None:
     """
     if opts.json:
         raise UsageError("--json is for `aria ask`; aria chat is interactive (use /save FILE for a JSON transcript)")
+    if sys.stdin is None:  # started with stdin closed (`aria chat <&-`): say so before loading a model
+        raise UsageError("aria chat reads your messages from standard input, which is closed; run it in a "
+                         "terminal or pipe the messages in")
     from .assistant_loader import open_assistant
     from .chat_repl import Chat
 

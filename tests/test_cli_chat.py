@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -392,3 +393,12 @@ def test_a_model_that_fails_to_load_ends_the_chat_with_one_line(model_dir, tmp_p
     result = runner.invoke(app, ["chat", "-m", str(model_dir), "--json"])
     assert result.exit_code == 2 and "--json is for `aria ask`" in result.stderr
 
+
+
+def test_a_closed_stdin_is_one_line_before_any_model_loads(tmp_path):
+    command = [sys.executable, "-m", "aria_cli", "chat", "-m", str(tmp_path / "nowhere")]  # never opened
+    result = subprocess.run(["sh", "-c", 'exec "$@" <&-', "sh", *command], env={**os.environ, **chat_env(tmp_path)},
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2, "", ("error: aria chat reads your messages from standard input, which is closed; run it in a "
+                "terminal or pipe the messages in\n"))
