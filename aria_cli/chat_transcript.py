@@ -116,9 +116,21 @@ def load_transcript(
     return LoadedTranscript(conversation, loaded_settings, model if isinstance(model, str) else None, missing)
 
 
+# Far beyond any saved chat (its pictures are paths, not pixels): a bound on what /load reads, so
+# a wrong path (/dev/zero, a video) is an error, not all of memory.
+MAX_TRANSCRIPT_BYTES = 64 * 2**20
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.exists() and not path.is_dir() and not path.is_file():
+            raise UsageError(f"{path} is not a regular file; give the file you saved with /save")
+        with path.open("rb") as file:
+            data = file.read(MAX_TRANSCRIPT_BYTES + 1)
+        if len(data) > MAX_TRANSCRIPT_BYTES:
+            raise UsageError(f"{path} is over {MAX_TRANSCRIPT_BYTES // 2**20} MB, too big for a chat transcript; "
+                             "give the file you saved with /save")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise UsageError(f"{path} does not exist; give the file you saved with /save") from None
     except IsADirectoryError:
@@ -129,6 +141,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except (ValueError, RecursionError) as exc:  # an integer of thousands of digits, nesting thousands deep
+        raise UsageError(f"{path} is not an aria chat transcript ({type(exc).__name__}: {str(exc)[:80]})") from None
     if not isinstance(raw, dict):
         raise UsageError(f"{path} is not an aria chat transcript (not a JSON object)")
     return raw

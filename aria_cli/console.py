@@ -11,6 +11,7 @@ import contextlib
 import errno
 import io
 import json
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -104,9 +105,13 @@ def warn(message: str) -> None:
         err.print(f"warning: {message}", markup=False)
 
 
+_LINE_BREAKS = re.compile(r"\s*[\r\n]+\s*")
+
+
 def error(message: str) -> None:
-    """The one line an expected failure prints; never silenced."""
-    err.print(f"error: {message}", markup=False)
+    """The one line an expected failure prints; never silenced. Line breaks inside the message
+    (a server's or a library's text, a path with a newline) become spaces: it stays one line."""
+    err.print(f"error: {_LINE_BREAKS.sub(' ', message.strip())}", markup=False)
 
 
 def emit_text(text: str, end: str = "\n") -> None:

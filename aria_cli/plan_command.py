@@ -9,6 +9,7 @@ memory of the GPU) it prints one plan; with neither, a summary for common card s
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Annotated
 
 import torch
@@ -108,8 +109,8 @@ def plan(
     context = context_length(opts.max_context, config)
     for flag, value in (("--gpu-bandwidth", gpu_bandwidth), ("--pcie-bandwidth", pcie_bandwidth),
                         ("--cpu-bandwidth", cpu_bandwidth)):
-        if not value > 0:
-            raise UsageError(f"{flag} must be more than 0 GB/s (got {value:g})")
+        if not 0 < value < math.inf:  # nan and inf too (JSON has no Infinity)
+            raise UsageError(f"{flag} must be a number of GB/s more than 0 (got {value:g})")
     bandwidth = Bandwidths(device=gpu_bandwidth, pcie=pcie_bandwidth, cpu=cpu_bandwidth)
     placement = {"context": context, "dtype": dtype, "cpu_moe": opts.cpu_moe, "n_cpu_moe": opts.n_cpu_moe,
                  "expert_slots": opts.expert_slots, "bandwidth": bandwidth,

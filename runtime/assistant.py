@@ -185,7 +185,11 @@ class Assistant:
         )
 
     def prompt_ids(self, conversation: Conversation) -> tuple[list[int], ProcessedImages]:
-        pixels = self._pixels(conversation.images())
+        images = conversation.images()
+        # Each picture takes at least one crop's tokens: a conversation whose pictures alone
+        # overflow the context is refused before they are decoded (tens of MB of pixels each).
+        self.session.cache.check_room(0, len(images) * self.config.tokens_per_crop(self.crop_size))
+        pixels = self._pixels(images)
         counts = pixels.image_token_counts(self.config.tokens_per_crop(self.crop_size))
         return encode_prompt(self.tokenizer, conversation.messages(), counts), pixels
 

@@ -10,6 +10,7 @@ first frame is kept. Colour-mode conversion belongs to image_processing.
 
 from __future__ import annotations
 
+import http.client
 import io
 import sys
 import urllib.error
@@ -81,8 +82,8 @@ def read_stdin(stream: BinaryIO | None = None, *, max_bytes: int = DEFAULT_MAX_B
 
 def fetch_url(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     """Download `url` with a timeout and a byte cap (urllib: no extra dependency)."""
-    request = urllib.request.Request(url, headers={"User-Agent": "aria-cli", "Accept": "image/*,*/*;q=0.5"})
     try:
+        request = urllib.request.Request(url, headers={"User-Agent": "aria-cli", "Accept": "image/*,*/*;q=0.5"})
         with urllib.request.urlopen(request, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > max_bytes:
@@ -97,7 +98,9 @@ def fetch_url(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DE
         raise ImageError(f"cannot fetch {url}: {_reason(reason)}; check the URL and your connection") from None
     except TimeoutError:
         raise ImageError(f"cannot fetch {url}: no answer within {timeout:g} s; check your connection") from None
-    except (OSError, ValueError) as exc:  # connection reset mid-body, malformed URL, ...
+    # Connection reset mid-body, a malformed URL or port, a server that does not speak HTTP
+    # (http.client's BadStatusLine, IncompleteRead, LineTooLong...).
+    except (OSError, ValueError, http.client.HTTPException) as exc:
         raise ImageError(f"cannot fetch {url}: {_reason(exc)}; check the URL and your connection") from None
     if len(data) > max_bytes:
         raise ImageError(f"image at {url} is over the {_mb(max_bytes)} limit")

@@ -60,7 +60,9 @@ def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     top-k keeps the tokens whose logit is at least the k-th largest (ties with it stay); top-p keeps
     the smallest most-likely-first prefix whose mass reaches top_p (the most likely token always stays).
     """
-    logits = logits.float() / p.temperature
+    # Shifted so the best logit is 0 and divided in float64: a temperature as small as 1e-300
+    # still leaves the best token at probability 1 (float32 would make it inf / inf = nan).
+    logits = ((logits.double() - logits.double().amax(dim=-1, keepdim=True)) / p.temperature)
     if p.top_k:
         kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -68,7 +70,8 @@ def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     if p.top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= p.top_p
+        drop[..., 0] = False  # the most likely token stays, even for a top-p below any probability
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs
+    return probs.float()

@@ -121,3 +121,20 @@ def test_seeded_sampling_is_reproducible(assistant):
         reply.read()
         runs.append(reply.tokens)
     assert runs[0] == runs[1]
+
+
+def test_pictures_that_alone_overflow_the_context_are_refused_before_decoding(checkpoint, monkeypatch):
+    """Each picture costs at least one crop's tokens; a transcript naming one picture 2000 times
+    once filled all memory preprocessing them before the context check."""
+    import runtime.assistant as assistant_module
+    from runtime.errors import InputError
+
+    small = Assistant.open(checkpoint, dtype=torch.float32, max_context=64)
+    per_crop = small.config.tokens_per_crop(small.crop_size)
+    decoded = []
+    monkeypatch.setattr(assistant_module, "preprocess_images", lambda *a, **k: decoded.append(1))
+    chat = Conversation()
+    chat.add("user", "What are these?", [picture()] * (64 // per_crop + 1))
+    with pytest.raises(InputError, match="the conversation needs"):
+        small.prompt_ids(chat)
+    assert decoded == []

@@ -11,6 +11,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -354,3 +355,21 @@ def test_chat_survives_a_failed_save_and_ends_on_sigterm(tmp_path, monkeypatch):
     proc.send_signal(signal.SIGTERM)  # waiting for the next line, stdin still open
     out, err = proc.communicate(timeout=30)
     assert (proc.returncode, out, err) == (143, "", "terminated (SIGTERM)\n")
+
+
+def test_load_refuses_what_is_no_transcript_without_reading_it_all(tmp_path):
+    """/dev/zero would fill memory; nesting or numbers past Python's limits would crash the parser."""
+    cases = [(Path("/dev/zero"), "is not a regular file")]
+    big = tmp_path / "big.json"
+    with big.open("wb") as file:  # sparse: size without the bytes
+        file.truncate(65 * 2**20)
+    cases.append((big, "too big for a chat transcript"))
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    cases.append((deep, "is not an aria chat transcript (RecursionError"))
+    digits = tmp_path / "digits.json"
+    digits.write_text('{"settings": {"top_k": ' + "9" * 5000 + "}}")
+    cases.append((digits, "is not an aria chat transcript (ValueError"))
+    for path, needle in cases:
+        with pytest.raises(UsageError, match=re.escape(needle)):
+            load_transcript(path, default_options(), lambda source: None)

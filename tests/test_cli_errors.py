@@ -42,6 +42,9 @@ def fail(kind: str, *, opts: OutputOptions) -> None:
         raise KeyboardInterrupt
     if kind == "bug":
         raise ZeroDivisionError("division by zero")
+    if kind == "lines":  # a server's or library's text with line breaks, or a path with one
+        raise ImageError("cannot fetch http://x/loop: HTTP 302 The HTTP server returned a redirect error.\r\n"
+                         "The last 30x error message was:\nFound; check the URL")
     typer.echo("fine")
 
 
@@ -66,6 +69,8 @@ def clean_env(tmp_path, monkeypatch):
         ("checkpoint", 1, "error: model-00003-of-00012.safetensors is truncated; run `aria download aria` again"),
         ("usage", 2, "error: --n-cpu-moe 40 is more than the 28 layers; use 0..28"),
         ("interrupt", 130, "interrupted"),
+        ("lines", 1, ("error: cannot fetch http://x/loop: HTTP 302 The HTTP server returned a redirect error. "
+                      "The last 30x error message was: Found; check the URL")),
         ("bug", 1, ("error: unexpected ZeroDivisionError: division by zero (this is a bug in aria; "
                    "rerun with --debug for the traceback)")),
     ],

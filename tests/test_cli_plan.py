@@ -110,7 +110,10 @@ def test_bad_placement_flags_are_usage_errors():
     assert result.stderr == "error: --n-cpu-moe must be 0 to 28 (the model's layers), got 40\n"
     result = plan("--gpu-memory", "24GiB", "--pcie-bandwidth", "0")
     assert (result.exit_code, result.stdout) == (2, "")
-    assert result.stderr == "error: --pcie-bandwidth must be more than 0 GB/s (got 0)\n"
+    assert result.stderr == "error: --pcie-bandwidth must be a number of GB/s more than 0 (got 0)\n"
+    for value in ("inf", "nan"):  # JSON (--json) has no Infinity
+        result = plan("--gpu-memory", "24GiB", "--gpu-bandwidth", value, "--json")
+        assert result.stderr == f"error: --gpu-bandwidth must be a number of GB/s more than 0 (got {value})\n"
 
 
 def test_without_a_budget_it_summarises_common_cards():

@@ -99,3 +99,12 @@ def test_greedy_settings_take_the_argmax_and_sampling_stays_on_the_logits_device
 def test_bad_settings_are_usage_errors(bad):
     with pytest.raises(UsageError):
         SamplingParams(**bad)
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1e-40, 1.0), (1e-300, 1.0), (1.0, 1e-300), (1e-300, 1e-300)])
+def test_extreme_settings_still_draw_the_most_likely_token(temperature, top_p):
+    """The limit of T -> 0 (and of top-p -> 0) is greedy: such settings drew token 0 from NaN."""
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(3)) * 5
+    sampler = Sampler(SamplingParams(temperature=temperature, top_p=top_p, seed=1))
+    for _ in range(5):
+        assert sampler(logits).tolist() == logits.argmax(dim=-1).tolist()

@@ -251,3 +251,26 @@ def test_silent_server_times_out():
     finally:
         silent.close()
     assert "no answer within 0.3 s" in message
+
+
+def test_a_server_that_does_not_speak_http_and_malformed_urls_are_image_errors():
+    # http.client's own exceptions (BadStatusLine, ...) and a malformed port or host are bad
+    # addresses or servers, not bugs: each is one ImageError naming the URL.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def garbage():
+        connection, _ = listener.accept()
+        connection.recv(4096)
+        connection.sendall(b"GARBAGE NOT HTTP\r\n\r\n")
+        connection.close()
+
+    thread = threading.Thread(target=garbage, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/x.png"
+    assert _error(url).startswith(f"cannot fetch {url}: ")
+    thread.join(5)
+    listener.close()
+    for url in ("http://127.0.0.1:abc/x.png", "http://[::1/x.png"):
+        assert _error(url).startswith("cannot fetch "), url
