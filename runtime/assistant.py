@@ -22,7 +22,7 @@ from PIL import Image
 
 from .chat_template import encode_prompt
 from .detokenizer import StreamDecoder
-from .errors import UsageError
+from .errors import InputError, UsageError
 from .generate import Session
 from .image_processing import ProcessedImages, preprocess_images
 from .loader import load_model_with_report
@@ -30,7 +30,7 @@ from .offload.apply import OffloadEngine, apply_offload
 from .offload.stats import PhaseStats
 from .placement import Plan
 from .sampling import SamplingParams
-from .tokenizer import Tokenizer
+from .tokenizer import IMAGE_TOKEN, Tokenizer
 
 DEFAULT_MAX_CONTEXT = 8192
 
@@ -64,12 +64,17 @@ class Conversation:
         return self.turns[0].text if self.turns and self.turns[0].role == "system" else None
 
     def set_system(self, text: str | None) -> None:
+        if text:
+            _check_no_marker(text, "system")
         if self.system is not None:
             self.turns.pop(0)
         if text:
             self.turns.insert(0, Turn("system", text))
 
     def add(self, role: str, text: str, images=(), sources=(), interrupted: bool = False) -> Turn:
+        """Raises InputError, adding nothing, if `text` holds the picture marker: every later
+        prompt would be refused (runtime.chat_template), so it never enters the conversation."""
+        _check_no_marker(text, role)
         turn = Turn(role, text, list(images), list(sources), interrupted)
         self.turns.append(turn)
         return turn
@@ -84,6 +89,13 @@ class Conversation:
 
     def images(self) -> list[Image.Image]:
         return [image for turn in self.turns for image in turn.images]
+
+
+def _check_no_marker(text: str, role: str) -> None:
+    if IMAGE_TOKEN in text:
+        what = {"system": "the system prompt", "user": "the message", "assistant": "the answer"}.get(role, role)
+        raise InputError(f"{what} contains {IMAGE_TOKEN}, the marker that stands for a picture; remove it "
+                         "(add pictures with /image or a path)")
 
 
 @dataclass

@@ -138,3 +138,21 @@ def test_pictures_that_alone_overflow_the_context_are_refused_before_decoding(ch
     with pytest.raises(InputError, match="the conversation needs"):
         small.prompt_ids(chat)
     assert decoded == []
+
+
+def test_the_picture_marker_never_enters_a_conversation(assistant):
+    """Once in, every later prompt would be refused (chat_template); so it is refused on the way
+    in, nothing added, and the conversation still answers."""
+    from runtime.errors import InputError
+
+    chat = Conversation()
+    chat.set_system("Be brief.")
+    for role, what in (("system", "the system prompt"), ("user", "the message"), ("assistant", "the answer")):
+        with pytest.raises(InputError, match=f"^{what} contains <\\|img\\|>"):
+            if role == "system":
+                chat.set_system("see <|img|>")
+            else:
+                chat.add(role, "see <|img|> here")
+    assert [(t.role, t.text) for t in chat.turns] == [("system", "Be brief.")]
+    chat.add("user", "What is this?", [picture()])
+    assert assistant.reply(chat, GenerationOptions(max_tokens=3)).read() is not None
