@@ -390,7 +390,7 @@ def _graph_note(row: dict, args) -> str:
     if not args.device.startswith("cuda"):
         return ""
     if not row.get("cuda_graphs"):
-        return "; no CUDA graphs (offloaded experts)"
+        return "; no CUDA graphs (the model or its placement did not allow them)"
     skips = row.get("cudagraph_skips", 0)
     return f"; CUDA graphs skipped {skips} time(s): see TORCH_LOGS=perf_hints" if skips else "; in CUDA graphs"
 

@@ -200,9 +200,10 @@ class Assistant:
         images = conversation.images()
         # Each picture takes at least one crop's tokens: a conversation whose pictures alone
         # overflow the context is refused before they are decoded (tens of MB of pixels each).
-        self.session.cache.check_room(0, len(images) * self.config.tokens_per_crop(self.crop_size))
+        per_crop = self.config.tokens_per_crop(self.crop_size)
+        self.session.cache.check_room(0, len(images) * per_crop)
         pixels = self._pixels(images)
-        counts = pixels.image_token_counts(self.config.tokens_per_crop(self.crop_size))
+        counts = pixels.image_token_counts(per_crop)
         return encode_prompt(self.tokenizer, conversation.messages(), counts), pixels
 
     def reply(self, conversation: Conversation, options: GenerationOptions | None = None) -> Reply:

@@ -226,12 +226,12 @@ def _write_errors(out: Path, src: Path) -> Iterator[None]:
         if error is None:
             raise
         reason = error.strerror or str(error)
+        reason = reason[:1].lower() + reason[1:]
         if error.filename is not None and Path(error.filename).resolve().is_relative_to(src.resolve()):
-            raise AriaError(f"cannot read {error.filename}: {reason[:1].lower()}{reason[1:]}; check the source "
-                            "model's files") from exc
+            raise AriaError(f"cannot read {error.filename}: {reason}; check the source model's files") from exc
         advice = "free some space or choose another -o" if error.errno in (errno.ENOSPC, errno.EDQUOT) else (
             "choose another -o")
-        raise AriaError(f"cannot write {out}: {reason[:1].lower()}{reason[1:]}; {advice}") from exc
+        raise AriaError(f"cannot write {out}: {reason}; {advice}") from exc
 
 
 def _as_os_error(exc: Exception) -> OSError | None:

@@ -91,9 +91,13 @@ class QuantizedRoutedExperts(nn.Module):
         experts prepared for a GPU are stacked already."""
         self._check_placed()
         if self._stacks is None:
-            self._stacks = (stack_prepared(self.fc1, self.num_experts), stack_prepared(self.fc2, self.num_experts))
-            self.fc1, self.fc2 = list(self._stacks[0].experts), list(self._stacks[1].experts)
+            self._use_stacks(stack_prepared(self.fc1, self.num_experts), stack_prepared(self.fc2, self.num_experts))
         self.gathers = True
+
+    def _use_stacks(self, fc1: StackedPrepared, fc2: StackedPrepared) -> None:
+        """Hold the experts as these blocks; the per-expert Prepared are views into them."""
+        self._stacks = (fc1, fc2)
+        self.fc1, self.fc2 = list(fc1.experts), list(fc2.experts)
 
     def _check_placed(self) -> None:
         if not self.fc1:
@@ -111,8 +115,7 @@ class QuantizedRoutedExperts(nn.Module):
             self._stacks = None
             self.fc1, self.fc2 = (list(each) for each in prepared)
         else:
-            self._stacks = tuple(stack_prepared(each, self.num_experts) for each in prepared)
-            self.fc1, self.fc2 = list(self._stacks[0].experts), list(self._stacks[1].experts)
+            self._use_stacks(*(stack_prepared(each, self.num_experts) for each in prepared))
         if not keeps_packed(device):
             self._packed = None
         if self.gathers:

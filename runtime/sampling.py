@@ -62,7 +62,8 @@ def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """
     # Shifted so the best logit is 0 and divided in float64: a temperature as small as 1e-300
     # still leaves the best token at probability 1 (float32 would make it inf / inf = nan).
-    logits = ((logits.double() - logits.double().amax(dim=-1, keepdim=True)) / p.temperature)
+    wide = logits.double()
+    logits = (wide - wide.amax(dim=-1, keepdim=True)) / p.temperature
     if p.top_k:
         kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
