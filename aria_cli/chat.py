@@ -14,7 +14,7 @@ from runtime.errors import UsageError
 from .options import RunOptions, with_options
 
 
-@with_options(RunOptions)
+@with_options(RunOptions, hidden=("json",))  # refused below with a pointer to /save
 def chat(opts: RunOptions) -> None:
     """Chat with the model in the terminal; answers stream as they are written.
 

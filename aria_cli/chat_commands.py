@@ -39,10 +39,12 @@ def parse_command(line: str) -> Command | None:
     """The command a line holds, or None when the line is a message.
 
     A line is a command when it starts with "/" and its first word is not a path: "/tmp/cat.png
-    what is this?" is a message about a file. Unknown commands raise UsageError listing the known ones.
+    what is this?" is a message about a file. A text of several lines (a \"\"\" block) is always a
+    message: a command's argument never spans lines. Unknown commands raise UsageError listing
+    the known ones.
     """
     text = line.strip()
-    if not text.startswith("/"):
+    if not text.startswith("/") or "\n" in text:
         return None
     word, _, rest = text[1:].partition(" ")
     if "/" in word or (word and Path(text.split()[0]).exists()):

@@ -36,6 +36,7 @@ class LineReader:
         if hasattr(sys.stdin, "reconfigure"):
             sys.stdin.reconfigure(errors="surrogateescape")
         self.interactive = sys.stdin.isatty() and sys.stdout.isatty()
+        self._ended = False  # the input ended (inside a block that was still sent)
         self._readline = _readline() if self.interactive else None
         self._history_file = history_file
         if self._readline is not None:
@@ -55,13 +56,28 @@ class LineReader:
             return body[: -len(FENCE)].strip()
         lines = [body] if body else []
         while True:
-            more = self._read(CONTINUATION, empty_so_far=False)
+            try:
+                more = self._read(CONTINUATION, empty_so_far=False)
+            except EOFError:
+                return self._unclosed_block("\n".join(lines).strip("\n"))
             if more.rstrip().endswith(FENCE):
                 lines.append(more.rstrip()[: -len(FENCE)])
                 return "\n".join(lines).strip("\n")
             lines.append(more)
 
+    def _unclosed_block(self, text: str) -> str:
+        """The input ended inside a block. Piped input means it as a message (the script's last
+        one); Ctrl-D at a terminal means leave, so the block is dropped, and either way it is said."""
+        if self.interactive or not text:
+            console.warn(f'the unfinished {FENCE} block was not sent')
+            raise EOFError
+        console.warn(f'the input ended inside a {FENCE} block; sending it as it is')
+        self._ended = True
+        return text
+
     def _read(self, prompt: str, empty_so_far: bool) -> str:
+        if self._ended:
+            raise EOFError
         try:
             if self.interactive:
                 return input(prompt)

@@ -25,7 +25,7 @@ from .chat_settings import changed, flag, setting_name, shown, usage_lines
 from .chat_transcript import load_transcript, save_transcript
 from .errors import report
 from .options import RunOptions
-from .render import answer_output, stats_rows, stream_reply
+from .render import answer_output, counted, stats_rows, stream_reply
 from .settings import data_dir, utf8_text
 
 HISTORY_FILE = "chat_history"
@@ -115,8 +115,11 @@ class Chat:
         self.last = reply
         if interrupted:
             console.info(f"{CUT_OFF} (kept in the conversation)")
+        elif reply.context_full:
+            bigger = "" if self.assistant.context_at_model_max else ", or start the chat with a larger --max-context"
+            console.info(f"[stopped: the context is full; /clear starts afresh{bigger}]")
         elif reply.finish_reason == "length":
-            console.info(f"[stopped at {self.opts.max_tokens} tokens; /set max-tokens N allows longer answers]")
+            console.info(f"[stopped at {counted(self.opts.max_tokens, 'token')}; /set max-tokens N allows longer answers]")
         for name, value in stats_rows(reply, self.assistant.offload):
             console.detail(f"{name}: {value}")
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from runtime.errors import AriaError
 
@@ -116,7 +116,19 @@ def _guarded(ctx: Any, call: Callable[[], Any]) -> Any:
         raise typer.Exit(code) from None
 
 
-class AriaGroup(TyperGroup):
+class _HelpWrite:
+    """--help that cannot be written (stdout full or closed) is one line, like any other output."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> Any:
+        with console.writing_stdout():
+            return super().format_help(ctx, formatter)  # type: ignore[misc]
+
+
+class AriaCommand(_HelpWrite, TyperCommand):
+    """Typer's command with aria's --help output handling (the group handles its errors)."""
+
+
+class AriaGroup(_HelpWrite, TyperGroup):
     """Typer's group with aria's error policy around parsing and invocation."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:

@@ -23,7 +23,7 @@ from . import console
 from .ask import ask
 from .chat import chat
 from .demo_command import demo
-from .errors import AriaGroup, AriaTyper, Terminated, exit_at_once
+from .errors import AriaCommand, AriaGroup, AriaTyper, Terminated, exit_at_once
 from .model_commands import download, models, rm
 from .plan_command import plan
 from .quantize_command import quantize
@@ -87,7 +87,7 @@ app = _StoppableTyper(
 )
 
 
-@app.command()
+@app.command(cls=AriaCommand)
 def version() -> None:
     """Print the version."""
     from importlib.metadata import version as _v
@@ -95,11 +95,6 @@ def version() -> None:
     console.emit_text(_v("aria-cli"))
 
 
-app.command()(ask)
-app.command()(chat)
-app.command(rich_help_panel="Models")(download)
-app.command(rich_help_panel="Models")(models)
-app.command(rich_help_panel="Models")(rm)
-app.command(rich_help_panel="Models")(quantize)
-app.command()(demo)
-app.command()(plan)
+for command, panel in [(ask, None), (chat, None), (download, "Models"), (models, "Models"), (rm, "Models"),
+                       (quantize, "Models"), (demo, None), (plan, None)]:
+    app.command(cls=AriaCommand, rich_help_panel=panel)(command)

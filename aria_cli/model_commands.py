@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from runtime.errors import AriaError
+
 from . import console
 from .download import download_model
 from .models import installed_models, plan_removal, remove
@@ -61,6 +63,17 @@ def models(*, opts: OutputOptions) -> None:
     console.emit_table(["NAME", "VARIANT", "SIZE", "STATUS", "PATH"], rows)
 
 
+def _confirmed(question: str) -> bool:
+    try:
+        return typer.confirm(question, default=False, err=True)
+    except typer.Abort as abort:
+        if isinstance(abort.__context__, KeyboardInterrupt):
+            raise
+        # Standard input ended before an answer (a script, `</dev/null`): say how to skip the question.
+        console.err.print()  # end the question's line
+        raise AriaError("no answer on standard input; pass --yes to remove without asking") from None
+
+
 @with_options(OutputOptions)
 def rm(
     model: Annotated[str, _MODEL_ARG],
@@ -71,7 +84,7 @@ def rm(
     """Remove a downloaded (or locally quantized) model and free its disk space."""
     removal = plan_removal(model)
     size = format_size(removal.size_bytes)
-    if not yes and not typer.confirm(f"remove {model} ({size}) at {removal.paths[0]}?", default=False, err=True):
+    if not yes and not _confirmed(f"remove {model} ({size}) at {removal.paths[0]}?"):
         console.info(f"kept {model}")
         raise typer.Exit(1)
     remove(removal)

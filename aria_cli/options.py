@@ -18,9 +18,11 @@ combinations, configures the console and the error handler, and calls the comman
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import inspect
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
@@ -202,8 +204,17 @@ def _early_debug(flags: dict[str, Any]) -> bool:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def with_options(cls: type[OutputOptions]) -> Callable[[F], F]:
-    """Add the flags of option group `cls` to a Typer command; it receives them as `opts`."""
+def _hidden(declaration: Any) -> Any:
+    """The same option, left out of --help."""
+    kind, info = typing.get_args(declaration)
+    info = copy.copy(info)
+    info.hidden = True
+    return Annotated[kind, info]
+
+
+def with_options(cls: type[OutputOptions], hidden: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """Add the flags of option group `cls` to a Typer command; it receives them as `opts`.
+    `hidden`: flags the command takes (to refuse them with a pointer) but does not list in --help."""
     # In help, panels follow the order of DECLARATIONS (generation, runtime, hub, output).
     fields = sorted((f.name for f in dataclasses.fields(cls)), key=list(DECLARATIONS).index)
 
@@ -213,7 +224,8 @@ def with_options(cls: type[OutputOptions]) -> Callable[[F], F]:
             raise TypeError(f"{func.__name__} must take an `opts` parameter to use @with_options")
         own = [p for p in signature.parameters.values() if p.name != "opts"]
         added = [
-            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=DECLARATIONS[name])
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                              annotation=_hidden(DECLARATIONS[name]) if name in hidden else DECLARATIONS[name])
             for name in fields
         ]
 

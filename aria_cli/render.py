@@ -177,14 +177,21 @@ def reply_json(reply: Reply, model: str) -> dict[str, Any]:
     }
 
 
+def counted(n: int, noun: str) -> str:
+    """"1 token", "7 tokens"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def stats_rows(reply: Reply, offload: OffloadEngine | None = None) -> list[tuple[str, str]]:
     """(name, value) pairs for --verbose and /stats: load, first token, speeds, memory, experts."""
     s = reply.stats
+    prompt = f"{counted(s.prompt_tokens, 'token')} ({s.prefilled_tokens} prefilled)"
+    answer = counted(s.completion_tokens, "token")
     rows = [
         ("load", f"{s.load_s:.2f} s"),
         ("time to first token", f"{s.ttft_s:.3f} s"),
-        ("prompt", f"{s.prompt_tokens} tokens ({s.prefilled_tokens} prefilled), {s.prefill_tokens_per_s:.1f} tokens/s"),
-        ("answer", f"{s.completion_tokens} tokens, {s.decode_tokens_per_s:.1f} tokens/s ({reply.finish_reason})"),
+        ("prompt", f"{prompt}, {s.prefill_tokens_per_s:.1f} tokens/s"),
+        ("answer", f"{answer}, {s.decode_tokens_per_s:.1f} tokens/s ({reply.finish_reason})"),
         ("peak memory", f"{format_size(s.peak_host_bytes)} host"
                         + (f", {format_size(s.peak_device_bytes)} GPU" if s.peak_device_bytes else "")),
     ]

@@ -120,6 +120,7 @@ class Reply:
         self.text = ""
         self.tokens: list[int] = []
         self.finish_reason = "stop"  # "stop" | "length" | "interrupted"
+        self.context_full = False  # "length" because the context filled, not the token limit
         self.stats = ReplyStats()
 
     def __iter__(self) -> Iterator[str]:
@@ -270,9 +271,15 @@ class Assistant:
                 stats.experts = _expert_counts(experts_before, self.offload.stats.total())
             if reply.finish_reason != "interrupted":
                 reply.finish_reason = "stop" if hit_stop else "length"
+                reply.context_full = not hit_stop and self._context_full()
 
     def _context_full(self) -> bool:
         return len(self.session.cached) + 1 >= self.session.max_len
+
+    @property
+    def context_at_model_max(self) -> bool:
+        """Whether the context already holds all the model takes (a larger --max-context would not help)."""
+        return self.session.max_len >= self.config.text.max_position_embeddings
 
     def reset(self) -> None:
         """Forget the cached conversation (the next reply prefills from scratch)."""

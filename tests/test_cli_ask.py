@@ -158,6 +158,8 @@ def test_plain_quiet_and_verbose_outputs(checkpoint, pictures):
     assert verbose.exit_code == 0 and verbose.stdout == expected
     for name in ("load:", "time to first token:", "prompt:", "answer:", "peak memory:", "experts:", "device: cpu"):
         assert name in verbose.stderr
+    one_token = ask("-m", checkpoint, "hi", "-n", "1", "-v")
+    assert one_token.exit_code == 0 and re.search(r"^answer: 1 token, .* \(length\)$", one_token.stderr, re.MULTILINE)
 
 
 def one_line_error(result, code: int, line: str) -> None:
@@ -242,9 +244,10 @@ def test_stdout_closed_or_full_is_one_line(checkpoint):
     helped = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "aria_cli", "--help"],
                             env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60, check=False)
     assert (helped.returncode, helped.stderr) == (closed.returncode, closed.stderr)  # printed by click, same line
-    for extra in ([], ["--json"]):
+    help_commands = ([sys.executable, "-m", "aria_cli", "--help"], [sys.executable, "-m", "aria_cli", "ask", "-h"])
+    for run in [command, command + ["--json"], *help_commands]:
         with open("/dev/full", "w") as full:
-            result = subprocess.run(command + extra, env=env, stdin=subprocess.DEVNULL, stdout=full,
+            result = subprocess.run(run, env=env, stdin=subprocess.DEVNULL, stdout=full,
                                     stderr=subprocess.PIPE, timeout=120, check=False)
         assert (result.returncode, result.stderr.decode()) == (
             1, "error: cannot write the output: no space left on device; free some space or write it elsewhere\n")

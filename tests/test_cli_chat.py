@@ -231,7 +231,7 @@ def session(model_dir, expected, tmp_path_factory) -> Session:
 
 
 def prompt_counts(stats: str) -> tuple[int, int]:
-    match = re.search(r"prompt: (\d+) tokens \((\d+) prefilled\)", stats)
+    match = re.search(r"prompt: (\d+) tokens? \((\d+) prefilled\)", stats)
     assert match, stats
     return int(match.group(1)), int(match.group(2))
 
@@ -310,7 +310,7 @@ def test_ctrl_c_cuts_the_answer_keeps_it_and_the_chat_goes_on(session, reference
     assert "[answer cut off]" in session.screens["cut"]
     assert "to leave, type /exit or press Ctrl-D" in session.screens["ctrl-c on an empty line"]
     assert "to leave" not in session.screens["ctrl-c on a typed line"]
-    answered = int(re.search(r"answer: (\d+) tokens", session.screens["stats 4"]).group(1))
+    answered = int(re.search(r"answer: (\d+) tokens?,", session.screens["stats 4"]).group(1))
     assert 0 < answered < 3000
     saved = session.transcript("cut.json")["turns"]
     assert [(t["role"], t["interrupted"]) for t in saved] == [
@@ -402,3 +402,34 @@ def test_a_closed_stdin_is_one_line_before_any_model_loads(tmp_path):
     assert (result.returncode, result.stdout, result.stderr) == (
         2, "", ("error: aria chat reads your messages from standard input, which is closed; run it in a "
                 "terminal or pipe the messages in\n"))
+
+
+@pytest.fixture(scope="module")
+def short_model_dir(model_dir, tmp_path_factory):
+    """The chat model taking at most 80 positions: its context fills within a short answer."""
+    folder = tmp_path_factory.mktemp("short_model") / "model"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 80
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("max_context, max_tokens, says", [
+    (48, 500, "[stopped: the context is full; /clear starts afresh, or start the chat with a larger --max-context]"),
+    (80, 500, "[stopped: the context is full; /clear starts afresh]"),  # already the model's maximum
+    (80, 7, "[stopped at 7 tokens; /set max-tokens N allows longer answers]"),
+])
+def test_an_answer_cut_short_says_whether_the_context_or_the_token_limit_did_it(
+        short_model_dir, tmp_path, monkeypatch, max_context, max_tokens, says):
+    for var, value in chat_env(tmp_path).items():
+        monkeypatch.setenv(var, value)
+    chat = Conversation()
+    chat.add("user", "Hello there")
+    reference = Assistant.open(short_model_dir, max_context=max_context)
+    expected = reference.reply(chat, GenerationOptions(max_tokens=max_tokens)).read()
+    result = CliRunner().invoke(app, ["chat", "-m", str(short_model_dir), "-n", str(max_tokens),
+                                      "--max-context", str(max_context)], input="Hello there\n")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == expected + ("" if expected.endswith("\n") else "\n")
+    assert says in result.stderr.splitlines()

@@ -61,6 +61,7 @@ def test_commands_are_parsed(line, expected):
 
 @pytest.mark.parametrize("line", [
     "hello", "  what is 2/3?", "", "/tmp/cat.png what is this?", "/home/me/photo.jpg",
+    "/image cat.png\nwhat is in it?",  # a \"\"\" block: its first line is no command
 ])
 def test_messages_are_not_commands(line):
     assert parse_command(line) is None
@@ -321,20 +322,34 @@ def test_every_set_name_is_a_setting_and_is_saved():
 # --- reading input (the terminal side is driven in test_cli_chat.py) ------------------------
 
 
-def test_triple_quotes_make_one_message_of_several_lines(monkeypatch):
+def test_triple_quotes_make_one_message_of_several_lines(monkeypatch, capsys):
     import io
 
     from aria_cli.chat_input import LineReader
 
-    typed = '"""First line\n\n  indented\nlast"""\n"""all on one line"""\nplain\n"""never closed\n'
+    typed = '"""First line\n\n  indented\nlast"""\n"""all on one line"""\nplain\n"""never\nclosed\n'
     monkeypatch.setattr("sys.stdin", io.StringIO(typed))
     reader = LineReader(history_file=None)
     assert not reader.interactive
     assert reader.read_message() == "First line\n\n  indented\nlast"
     assert reader.read_message() == "all on one line"
     assert reader.read_message() == "plain"
+    # Piped input that ends inside a block: the script meant it as its last message, so it is sent.
+    assert reader.read_message() == "never\nclosed"
+    assert capsys.readouterr().err == 'warning: the input ended inside a """ block; sending it as it is\n'
     with pytest.raises(EOFError):
         reader.read_message()
+
+
+def test_an_empty_unclosed_block_is_not_sent(monkeypatch, capsys):
+    import io
+
+    from aria_cli.chat_input import LineReader
+
+    monkeypatch.setattr("sys.stdin", io.StringIO('"""\n'))
+    with pytest.raises(EOFError):
+        LineReader(history_file=None).read_message()
+    assert capsys.readouterr().err == 'warning: the unfinished """ block was not sent\n'
 
 
 # --- the chat process: a failed /save keeps the chat going, a stop signal ends it -----------

@@ -120,6 +120,13 @@ def test_real_app_help_and_version():
     assert result.exit_code == 0 and result.stdout.strip() == metadata.version("aria-cli")
 
 
+def test_chat_help_does_not_offer_json_which_chat_refuses():
+    assert "--json" in invoke("ask", "--help", target=app).stdout
+    assert "--json" not in invoke("chat", "--help", target=app).stdout
+    refused = invoke("chat", "--json", target=app)
+    assert refused.exit_code == 2 and "--json is for `aria ask`" in refused.stderr
+
+
 def test_bad_setting_in_env_is_a_usage_error_for_real_commands(monkeypatch):
     monkeypatch.setenv("ARIA_QUIET", "maybe")
     result = invoke("models", target=app)

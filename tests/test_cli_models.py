@@ -175,6 +175,11 @@ def test_models_lists_cache_and_local_quantized_and_skips_other_models(env, monk
 def test_rm_managed_model_and_refusals(env, monkeypatch):
     target = write_checkpoint(quantized_model_dir("int8"), env / "scratch")
     runner = CliRunner()
+    for answer, said in [("", "error: no answer on standard input; pass --yes to remove without asking"),
+                         ("n\n", "kept aria-int8")]:  # stdin ended before an answer; a "no"
+        result = runner.invoke(app, ["rm", "aria-int8"], input=answer)
+        assert result.exit_code == 1 and result.stderr.splitlines()[-1].endswith(said), result.stderr
+        assert target.is_dir()
     result = runner.invoke(app, ["rm", "aria-int8", "--yes", "--json"])
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["path"] == str(target) and not target.exists()
