@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.client
 import io
 import sys
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -24,6 +25,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ImageError
 
 DEFAULT_TIMEOUT = 20.0  # seconds for connecting and for each read of a URL
+# Seconds for the whole download: a server that sends a byte now and then never trips the
+# per-read timeout. 50 MB (the cap) in 2 minutes is a slow but working connection.
+DEFAULT_DEADLINE = 120.0
+_CHUNK = 1 << 16
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024  # cap on downloaded / piped image files
 # Beyond this a picture is a line, not an image: the 336-pixel floor of the short side would
 # stretch it past recognition (an 8:1 panorama is the widest grid the tiling knows).
@@ -80,15 +85,19 @@ def read_stdin(stream: BinaryIO | None = None, *, max_bytes: int = DEFAULT_MAX_B
     return data
 
 
-def fetch_url(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """Download `url` with a timeout and a byte cap (urllib: no extra dependency)."""
+def fetch_url(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES,
+              deadline: float = DEFAULT_DEADLINE) -> bytes:
+    """Download `url` with a timeout per read, a deadline for the whole and a byte cap (urllib:
+    no extra dependency)."""
+    ends = time.monotonic() + deadline
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "aria-cli", "Accept": "image/*,*/*;q=0.5"})
         with urllib.request.urlopen(request, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > max_bytes:
                 raise ImageError(f"image at {url} is {_mb(int(length))}, over the {_mb(max_bytes)} limit")
-            data = response.read(max_bytes + 1)
+            data = _read_until(response, max_bytes + 1, ends, f"cannot fetch {url}: the download took over "
+                                                              f"{deadline:g} s; check your connection")
     except urllib.error.HTTPError as exc:
         raise ImageError(f"cannot fetch {url}: HTTP {exc.code} {exc.reason}; check the URL") from None
     except urllib.error.URLError as exc:
@@ -105,6 +114,20 @@ def fetch_url(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DE
     if len(data) > max_bytes:
         raise ImageError(f"image at {url} is over the {_mb(max_bytes)} limit")
     return data
+
+
+def _read_until(response, limit: int, ends: float, late: str) -> bytes:
+    """At most `limit` bytes of the body, as they arrive; ImageError(`late`) past time `ends`."""
+    chunks, size = [], 0
+    while size < limit:
+        chunk = response.read1(min(_CHUNK, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        if time.monotonic() > ends:
+            raise ImageError(late)
+    return b"".join(chunks)
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:

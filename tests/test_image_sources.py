@@ -5,6 +5,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 import warnings
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,7 +16,7 @@ import pytest
 from PIL import Image
 
 from runtime.errors import AriaError, ImageError
-from runtime.image_sources import load_image, read_stdin
+from runtime.image_sources import fetch_url, load_image, read_stdin
 
 
 def _png_bytes(image):
@@ -185,6 +186,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, self.picture, length=True)
         elif self.path == "/no-length.png":
             self._send(200, self.picture, length=False)
+        elif self.path == "/trickle.png":  # one byte every 50 ms: each read is quick, the whole is not
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.picture)))
+            self.end_headers()
+            try:
+                for i in range(len(self.picture)):
+                    self.wfile.write(self.picture[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:  # the client gave up
+                pass
         else:
             self._send(404, b"not here", length=True)
 
@@ -225,6 +237,14 @@ def test_url_http_error(server):
 def test_url_over_byte_cap(server):
     assert "limit" in _error(f"{server}/photo.png", max_bytes=100)  # Content-Length says too big
     assert "limit" in _error(f"{server}/no-length.png", max_bytes=100)  # counted while reading
+
+
+def test_a_trickling_server_hits_the_deadline_for_the_whole_download(server):
+    with pytest.raises(ImageError) as caught:
+        fetch_url(f"{server}/trickle.png", timeout=5, deadline=0.5)
+    assert str(caught.value) == (f"cannot fetch {server}/trickle.png: the download took over 0.5 s; "
+                                 "check your connection")
+    assert fetch_url(f"{server}/no-length.png", deadline=5) == _Handler.picture  # read to the end in chunks
 
 
 def test_offline_makes_no_request(server):
