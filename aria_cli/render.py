@@ -156,7 +156,12 @@ def collect_reply(reply: Reply) -> bool:
 
 
 def reply_json(reply: Reply, model: str) -> dict[str, Any]:
-    """The one `--json` object of an answer (the output contract of `aria ask`)."""
+    """The one `--json` object of an answer (the output contract of `aria ask`).
+
+    `finish_reason`: "stop" (an end token or a --stop text), "length" (the token limit or a full
+    context) or "interrupted" (Ctrl-C). `text` ends before a --stop text; `tokens` are the ids
+    generated, the one that completed the stop text included (its other characters may belong
+    to the answer)."""
     s = reply.stats
     return {
         "text": reply.text,
