@@ -25,6 +25,7 @@ ALIASES = {"quit": "exit", "bye": "exit", "q": "exit", "?": "help", "h": "help",
 # Commands whose argument is required.
 _NEEDS_ARGUMENT = {"image": "/image PATH or /image URL", "save": "/save FILE", "load": "/load FILE"}
 _TAKES_NO_ARGUMENT = {"clear", "stats", "help", "exit"}
+_TAKES_LINES = {"system"}  # a system prompt may span lines (a \"\"\" block)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
@@ -39,19 +40,22 @@ def parse_command(line: str) -> Command | None:
     """The command a line holds, or None when the line is a message.
 
     A line is a command when it starts with "/" and its first word is not a path: "/tmp/cat.png
-    what is this?" is a message about a file. A text of several lines (a \"\"\" block) is always a
-    message: a command's argument never spans lines. Unknown commands raise UsageError listing
+    what is this?" is a message about a file. A \"\"\" block that starts with a command is that
+    command: only /system takes text of several lines, the others refuse it (a path followed by
+    a question would otherwise become one long path). Unknown commands raise UsageError listing
     the known ones.
     """
     text = line.strip()
-    if not text.startswith("/") or "\n" in text:
+    if not text.startswith("/"):
         return None
-    word, _, rest = text[1:].partition(" ")
+    word, rest = (text[1:].split(maxsplit=1) + ["", ""])[:2]
     if "/" in word or (word and Path(text.split()[0]).exists()):
         return None
     name = ALIASES.get(word.lower(), word.lower())
     if name not in COMMANDS:
         raise UsageError(f"unknown command /{word}; commands: {known_commands()} (a message cannot start with /)")
+    if "\n" in rest and name not in _TAKES_LINES:
+        raise UsageError(f"/{name} takes one line; send what follows it as a message of its own")
     argument = _unquote(rest.strip()) if name in ("image", "save", "load") else rest.strip()
     if name in _NEEDS_ARGUMENT and not argument:
         raise UsageError(f"/{name} needs an argument: {_NEEDS_ARGUMENT[name]}")

@@ -36,7 +36,6 @@ class LineReader:
         if hasattr(sys.stdin, "reconfigure"):
             sys.stdin.reconfigure(errors="surrogateescape")
         self.interactive = sys.stdin.isatty() and sys.stdout.isatty()
-        self._ended = False  # the input ended (inside a block that was still sent)
         self._readline = _readline() if self.interactive else None
         self._history_file = history_file
         if self._readline is not None:
@@ -65,19 +64,18 @@ class LineReader:
                 return "\n".join(lines).strip("\n")
             lines.append(more)
 
-    def _unclosed_block(self, text: str) -> str:
-        """The input ended inside a block. Piped input means it as a message (the script's last
-        one); Ctrl-D at a terminal means leave, so the block is dropped, and either way it is said."""
-        if self.interactive or not text:
-            console.warn(f'the unfinished {FENCE} block was not sent')
+    @staticmethod
+    def _unclosed_block(text: str) -> str:
+        """The input ended inside a block. Piped input means it (the script's last message or
+        command); Ctrl-D at a terminal means leave, so the block is dropped. Either way it is said.
+        (Reading on after a pipe's end gives its end again.)"""
+        if sys.stdin.isatty() or not text:
+            console.warn(f"the unfinished {FENCE} block was not sent")
             raise EOFError
-        console.warn(f'the input ended inside a {FENCE} block; sending it as it is')
-        self._ended = True
+        console.warn(f"the input ended inside a {FENCE} block; taking it as it is")
         return text
 
     def _read(self, prompt: str, empty_so_far: bool) -> str:
-        if self._ended:
-            raise EOFError
         try:
             if self.interactive:
                 return input(prompt)

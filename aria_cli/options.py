@@ -170,12 +170,15 @@ DECLARATIONS: dict[str, Any] = {
 O = TypeVar("O", bound=OutputOptions)
 
 
-def resolve_options(cls: type[O], flags: dict[str, Any]) -> O:
-    """Build `cls` from flag values (None = not given) through the settings layers, and check it."""
+def resolve_options(cls: type[O], flags: dict[str, Any], flag_only: tuple[str, ...] = ()) -> O:
+    """Build `cls` from flag values (None = not given) through the settings layers, and check it.
+    `flag_only`: settings taken from the flag alone (else their default): the environment and
+    config file set them for other commands."""
     file_values = load_settings_file()
     path = config_file()
     values = {
-        f.name: resolve_setting(f.name, flags.get(f.name), file_values=file_values, file_path=path)
+        f.name: resolve_setting(f.name, flags.get(f.name), env={} if f.name in flag_only else None,
+                                file_values=None if f.name in flag_only else file_values, file_path=path)
         for f in dataclasses.fields(cls)
     }
     _check_combinations(values)
@@ -214,7 +217,8 @@ def _hidden(declaration: Any) -> Any:
 
 def with_options(cls: type[OutputOptions], hidden: tuple[str, ...] = ()) -> Callable[[F], F]:
     """Add the flags of option group `cls` to a Typer command; it receives them as `opts`.
-    `hidden`: flags the command takes (to refuse them with a pointer) but does not list in --help."""
+    `hidden`: flags the command takes (to refuse them with a pointer) but does not list in --help;
+    ARIA_* variables and the config file do not set them (they are for the commands that list them)."""
     # In help, panels follow the order of DECLARATIONS (generation, runtime, hub, output).
     fields = sorted((f.name for f in dataclasses.fields(cls)), key=list(DECLARATIONS).index)
 
@@ -233,7 +237,7 @@ def with_options(cls: type[OutputOptions], hidden: tuple[str, ...] = ()) -> Call
         def command(*args: Any, **kwargs: Any) -> Any:
             flags = {name: kwargs.pop(name, None) for name in fields}
             mark_debug(_early_debug(flags))
-            opts = resolve_options(cls, flags)
+            opts = resolve_options(cls, flags, flag_only=hidden)
             mark_debug(opts.debug)
             console.configure(quiet=opts.quiet, verbose=opts.verbose)
             return func(*args, opts=opts, **kwargs)

@@ -25,8 +25,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ImageError
 
 DEFAULT_TIMEOUT = 20.0  # seconds for connecting and for each read of a URL
-# Seconds for the whole download: a server that sends a byte now and then never trips the
-# per-read timeout. 50 MB (the cap) in 2 minutes is a slow but working connection.
+# Seconds for the whole body: a server that sends a byte now and then never trips the per-read
+# timeout. 50 MB (the cap) in 2 minutes is a slow but working connection. (Connecting and the
+# headers are bounded by the per-read timeout and http.client's limits on header lines.)
 DEFAULT_DEADLINE = 120.0
 _CHUNK = 1 << 16
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024  # cap on downloaded / piped image files

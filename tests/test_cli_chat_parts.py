@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import io
 import json
 import os
 import re
@@ -54,6 +55,8 @@ def default_options(**changes) -> RunOptions:
     ("/?", Command("help", "")),
     ("/quit", Command("exit", "")),
     ("/bye", Command("exit", "")),
+    ("/set\ttop-k 5", Command("set", "top-k 5")),
+    ("/system Be terse.\nAnswer in French.", Command("system", "Be terse.\nAnswer in French.")),  # a \"\"\" block
 ])
 def test_commands_are_parsed(line, expected):
     assert parse_command(line) == expected
@@ -61,7 +64,6 @@ def test_commands_are_parsed(line, expected):
 
 @pytest.mark.parametrize("line", [
     "hello", "  what is 2/3?", "", "/tmp/cat.png what is this?", "/home/me/photo.jpg",
-    "/image cat.png\nwhat is in it?",  # a \"\"\" block: its first line is no command
 ])
 def test_messages_are_not_commands(line):
     assert parse_command(line) is None
@@ -85,6 +87,9 @@ def test_unknown_command_names_every_known_one():
 
 @pytest.mark.parametrize(("line", "needle"), [
     ("/image", "/image PATH"), ("/save", "/save FILE"), ("/load  ", "/load FILE"), ("/clear all", "no argument"),
+    # a \"\"\" block: the question after a path would otherwise become part of the path
+    ("/image cat.png\nwhat is in it?", "/image takes one line; send what follows it as a message of its own"),
+    ("/set seed 1\n2", "/set takes one line"),
 ])
 def test_missing_or_extra_arguments_are_one_line_errors(line, needle):
     with pytest.raises(UsageError) as caught:
@@ -323,8 +328,6 @@ def test_every_set_name_is_a_setting_and_is_saved():
 
 
 def test_triple_quotes_make_one_message_of_several_lines(monkeypatch, capsys):
-    import io
-
     from aria_cli.chat_input import LineReader
 
     typed = '"""First line\n\n  indented\nlast"""\n"""all on one line"""\nplain\n"""never\nclosed\n'
@@ -336,19 +339,28 @@ def test_triple_quotes_make_one_message_of_several_lines(monkeypatch, capsys):
     assert reader.read_message() == "plain"
     # Piped input that ends inside a block: the script meant it as its last message, so it is sent.
     assert reader.read_message() == "never\nclosed"
-    assert capsys.readouterr().err == 'warning: the input ended inside a """ block; sending it as it is\n'
+    assert capsys.readouterr().err == 'warning: the input ended inside a """ block; taking it as it is\n'
     with pytest.raises(EOFError):
         reader.read_message()
 
 
-def test_an_empty_unclosed_block_is_not_sent(monkeypatch, capsys):
-    import io
+class _Terminal(io.StringIO):
+    """Typed at a terminal (stdout is not one: `aria chat | tee log`), Ctrl-D at the end."""
 
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stdin", [io.StringIO('"""\n'), _Terminal('"""\nhalf a\nthought\n')],
+                         ids=["empty block", "Ctrl-D at a terminal"])
+def test_an_unclosed_block_that_is_empty_or_left_at_a_terminal_is_not_sent(monkeypatch, capsys, stdin):
     from aria_cli.chat_input import LineReader
 
-    monkeypatch.setattr("sys.stdin", io.StringIO('"""\n'))
+    monkeypatch.setattr("sys.stdin", stdin)
+    reader = LineReader(history_file=None)
+    assert not reader.interactive
     with pytest.raises(EOFError):
-        LineReader(history_file=None).read_message()
+        reader.read_message()
     assert capsys.readouterr().err == 'warning: the unfinished """ block was not sent\n'
 
 

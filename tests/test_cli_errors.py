@@ -23,6 +23,7 @@ from user_env import isolate_user_env
 from aria_cli.errors import AriaGroup
 from aria_cli.main import app
 from aria_cli.options import OutputOptions, with_options
+from aria_cli.settings import config_file
 from runtime.errors import CheckpointError, ImageError, UsageError
 
 probe = typer.Typer(cls=AriaGroup)
@@ -120,11 +121,19 @@ def test_real_app_help_and_version():
     assert result.exit_code == 0 and result.stdout.strip() == metadata.version("aria-cli")
 
 
-def test_chat_help_does_not_offer_json_which_chat_refuses():
+def test_chat_help_does_not_offer_json_which_chat_refuses(monkeypatch):
     assert "--json" in invoke("ask", "--help", target=app).stdout
     assert "--json" not in invoke("chat", "--help", target=app).stdout
     refused = invoke("chat", "--json", target=app)
     assert refused.exit_code == 2 and "--json is for `aria ask`" in refused.stderr
+    # Set for `aria ask` in the environment or the config file, it leaves chat alone.
+    monkeypatch.setenv("ARIA_JSON", "1")
+    config = config_file()
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("json = true\n")
+    assert invoke("ask", "-m", "demo", "hi", "-n", "1", target=app).stdout.startswith("{")
+    chatted = CliRunner().invoke(app, ["chat", "-m", "demo"], input="")
+    assert chatted.exit_code == 0 and "Chatting with demo" in chatted.stderr, chatted.stderr
 
 
 def test_bad_setting_in_env_is_a_usage_error_for_real_commands(monkeypatch):
