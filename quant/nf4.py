@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Kernel, PackedSpec, Scheme
-from .nibbles import pack_nibbles, unpack_nibbles
+from .nibbles import pack_nibbles, pair_rows, unpack_nibbles
 
 BLOCK_SIZE = 64
 # bitsandbytes' fused CPU kernel interleaves 32 output rows at a time.
@@ -119,11 +119,9 @@ def cpu_fused_layout(qdata: Tensor) -> Tensor:
     bytes holding the tile's 64 codes in (row, feature) order: rows 0-15 in the low nibbles,
     rows 16-31 in the high nibbles.
     """
-    out_features, half_in = qdata.shape
-    codes = unpack_nibbles(qdata).view(out_features // OUT_MULTIPLE, OUT_MULTIPLE, half_in, 2)
-    codes = codes.transpose(1, 2).reshape(-1, half_in, 2 * OUT_MULTIPLE)  # [tile, pair, (row, feature)]
-    tiles = codes[..., :OUT_MULTIPLE] | (codes[..., OUT_MULTIPLE:] << 4)
-    return tiles.reshape(out_features, half_in)
+    out = torch.empty_like(qdata)
+    pair_rows(qdata.contiguous(), OUT_MULTIPLE, out, feature_last=True)
+    return out
 
 
 def _dequantize_then_linear_tensors(packed: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -1,5 +1,10 @@
 """int4 (tinygemm recipe): error bound derived from the scheme, and torchao's primitives as reference."""
 
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 from torchao.quantization.utils import (
     get_groupwise_affine_qparams,
@@ -110,12 +115,34 @@ def test_bfloat16_weights_quantize_like_their_float32_values():
     assert all(torch.equal(a[s], b[s]) for s in a)
 
 
-def test_cpu_layout_prepared_in_row_chunks_is_the_whole_matrix_packed_at_once():
-    # prepare packs ROW_CHUNK rows at a time; the reference is one call of the packer on the
-    # whole matrix (a row count that leaves a partial last chunk).
-    from quant.int4 import ROW_CHUNK
+_LAYOUT_CHECK = """
+import sys, torch
+from quant.int4_cpu_layout import ROW_CHUNK, cpu_int4_layout, packer_block_rows
+from quant.nibbles import unpack_nibbles
+gen = torch.Generator().manual_seed(11)
+# Whole blocks, a partial last block of every size, a partial last chunk, and a strided view.
+for rows in (16, 48, 64, 80, 96, 112, 320, 2 * ROW_CHUNK + 48):
+    for width in (64, 256):
+        qdata = torch.randint(0, 256, (rows, width // 2), dtype=torch.uint8, generator=gen)
+        whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qdata, torch.int32), 1)
+        assert torch.equal(cpu_int4_layout(qdata), whole), (rows, width)
+wide = torch.randint(0, 256, (128, 96), dtype=torch.uint8, generator=gen)
+whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(wide[:, :32], torch.int32), 1)
+assert torch.equal(cpu_int4_layout(wide[:, :32]), whole)
+print(torch.backends.cpu.get_cpu_capability(), packer_block_rows())
+"""
 
-    rows = 2 * ROW_CHUNK + 48
-    packed = SCHEME.quantize(torch.randn(rows, 256, generator=torch.Generator().manual_seed(11)))
-    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(packed["qdata"]).to(torch.int32), 1)
-    assert torch.equal(SCHEME.prepare(packed, "cpu").tensors["weight"], whole)
+
+@pytest.mark.parametrize("capability", ["", "AVX2", "DEFAULT"])
+def test_cpu_layout_is_the_packers_whatever_kernels_torch_picked(capability):
+    """The CPU kernel's weight layout is built without PyTorch's packer where its blocks are known
+    (AVX-512: rows in 64s, AVX2: 32s) and by the packer elsewhere: the packer called on the whole
+    matrix is the reference in each case. ATEN_CPU_CAPABILITY makes torch pick another build's
+    kernels (and layout) on this machine; the process is new because torch reads it at start."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability.lower()} if capability else dict(os.environ)
+    done = subprocess.run([sys.executable, "-c", _LAYOUT_CHECK], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    picked, block = done.stdout.split()
+    # The fast path is found wherever its layout is the packer's (and nowhere else).
+    assert int(block) == {"AVX512": 64, "AVX2": 32}.get(picked, 0), done.stdout

@@ -60,8 +60,9 @@ def test_bitsandbytes_dequantizes_our_packed_form_to_our_values():
     assert torch.equal(theirs, SCHEME.dequantize(packed))
 
 
-def test_fused_cpu_layout_is_the_one_bitsandbytes_builds():
-    w = weight(3, shape=(64, 256))
+@pytest.mark.parametrize("shape", [(32, 64), (64, 256), (320, 128)])  # one tile; several; past a 256-row chunk
+def test_fused_cpu_layout_is_the_one_bitsandbytes_builds(shape):
+    w = weight(3, shape=shape)
     data, state = bnb_functional.quantize_4bit(w, blocksize=BLOCK, quant_type="nf4")
     theirs, state = bnb_functional._convert_weight_packed_for_cpu(data, state)
     assert torch.equal(cpu_fused_layout(SCHEME.quantize(w)["qdata"]), theirs)
