@@ -205,9 +205,10 @@ class Session:
 def _compile_decode(model: AriaForConditionalGeneration, cache, backend: str, cuda_graphs: bool):
     """decode_logits as a static-shape graph: positions on the device, the whole cache attended.
 
-    Not `fullgraph`: an expert store that reads the expert ids on the host (offloaded experts;
-    resident ones unless switched to gathering) is left out of the trace and runs eagerly
-    between the graphs before and after it, the same graphs for every token (tests check both).
+    What reads the expert ids on the host (quantized or offloaded experts not switched to
+    gathering, the offload engine's next-layer guess) runs inside the graph as one opaque op
+    (runtime.host_calls), so the step is one graph for every token (tests check it). Not
+    `fullgraph`, so that anything else a store might do still runs, if slower.
     """
     gpu = model.device.type == "cuda" and backend == "inductor"
     if gpu:

@@ -32,6 +32,7 @@ from torch import nn
 
 from .config import TextConfig
 from .decode_kernels import linear, row_matmul
+from .host_calls import HostCalled, called
 
 
 class GroupedWeight(nn.Module):
@@ -279,6 +280,35 @@ class MoEBlock(nn.Module):
         top_idx, top_w = self.route(flat)
         routed = self.experts(flat, top_idx, top_w)
         return (routed + self.shared_experts(flat)).reshape(shape)
+
+
+class DispatchesOnHost(HostCalled, nn.Module):
+    """An expert store whose dispatch reads the expert ids on the host (`dispatch_on_host`):
+    quantized experts (their kernels are per expert) and offloaded ones (they decide per expert
+    what to copy). Eagerly it is called as it is; in a compiled step it is one opaque op,
+    aria::host_dispatch (runtime.host_calls says why)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._register()
+
+    def dispatch_on_host(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def host_dispatch(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return _host_dispatch_op(x, top_idx, top_w, self.host_key)
+        return self.dispatch_on_host(x, top_idx, top_w)
+
+
+@torch.library.custom_op("aria::host_dispatch", mutates_args=())
+def _host_dispatch_op(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor, store: int) -> torch.Tensor:
+    return called(store).dispatch_on_host(x, top_idx, top_w)
+
+
+@_host_dispatch_op.register_fake
+def _(x, top_idx, top_w, store):
+    return torch.empty_like(x)
 
 
 def gathering_now(store: nn.Module, x: torch.Tensor) -> bool:

@@ -18,7 +18,7 @@ from torch import nn
 
 from quant import Prepared, QuantizedLinear, Scheme, StackedPrepared, slice_packed, stack_prepared
 
-from .moe import RoutedExperts, gathering_now, one_token_routed_sum, routed_sum, swiglu
+from .moe import DispatchesOnHost, RoutedExperts, gathering_now, one_token_routed_sum, routed_sum, swiglu
 from .quant_targets import (
     FAMILIES,
     QUANTIZED_FAMILIES,
@@ -31,7 +31,7 @@ from .quant_targets import (
 PackedGetter = Callable[[str], dict[str, torch.Tensor]]  # weight name -> packed tensors
 
 
-class QuantizedRoutedExperts(nn.Module):
+class QuantizedRoutedExperts(DispatchesOnHost):
     """Routed experts with fc1 [E, 2I, H] and fc2 [E, H, I] packed, prepared once per expert."""
 
     def __init__(self, scheme: Scheme, fc1: dict[str, torch.Tensor], fc2: dict[str, torch.Tensor],
@@ -60,13 +60,9 @@ class QuantizedRoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
         if gathering_now(self, x):
             return self._gathered(x, top_idx, top_w)
-        return self._dispatch_on_host(x, top_idx, top_w)
+        return self.host_dispatch(x, top_idx, top_w)
 
-    # Not traced by torch.compile: the dispatch reads the expert ids on the host, and a traced
-    # read would specialise the graph on them (a recompile per expert set). Compiled decode runs
-    # it eagerly between the graphs before and after it.
-    @torch.compiler.disable
-    def _dispatch_on_host(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+    def dispatch_on_host(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
         self._check_placed()
         if x.shape[0] == 1 and x.device.type == "cpu":
             mm = self.scheme.matmul

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..device import CopyStream, Marker, Ready
-from ..moe import routed_sum
+from ..moe import DispatchesOnHost, routed_sum
 from .cache import ExpertCache
 from .codec import ExpertCodec
 from .host_store import HostStore
@@ -68,7 +68,7 @@ class StreamPool:
         return index
 
 
-class OffloadedExperts(nn.Module):
+class OffloadedExperts(DispatchesOnHost):
     """Routed experts of layer `layer`, stored in `store`, `cache.slots` of them on the device.
 
     `host_only` layers (--cpu-moe, --n-cpu-moe) have no slots and compute every expert on the host.
@@ -90,11 +90,10 @@ class OffloadedExperts(nn.Module):
 
     # ----- the step ---------------------------------------------------------------------------
 
-    # Not traced by torch.compile: serving reads the expert counts on the host, and a traced read
-    # would specialise the graph on them (a recompile per expert set). Compiled decode runs it
-    # eagerly between the graphs before and after it.
-    @torch.compiler.disable
     def forward(self, x: Tensor, top_idx: Tensor, top_w: Tensor) -> Tensor:
+        return self.host_dispatch(x, top_idx, top_w)  # one opaque op in a compiled step
+
+    def dispatch_on_host(self, x: Tensor, top_idx: Tensor, top_w: Tensor) -> Tensor:
         ctx = self.ctx
         n = x.shape[0]
         counts = torch.bincount(top_idx.reshape(-1), minlength=self.num_experts).tolist()

@@ -12,11 +12,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..host_calls import HostCalled, called
 from ..moe import MoEBlock
 from .experts import OffloadedExperts
 
 
-class NextLayerGuess:
+class NextLayerGuess(HostCalled):
     def __init__(self, next_block: MoEBlock, this_norm: Tensor, next_norm: Tensor, target: OffloadedExperts):
         self.router = next_block.router
         self.top_k = next_block.top_k
@@ -25,6 +26,7 @@ class NextLayerGuess:
         ratio = torch.where(this.abs() > 1e-6, next_norm.detach().float() / this, torch.zeros_like(this))
         self.ratio = ratio.to(self.router.weight.device, self.router.weight.dtype)
         self.target = target
+        self._register()
 
     def __call__(self, x: Tensor) -> None:
         flat = x.reshape(-1, x.shape[-1])
@@ -33,6 +35,22 @@ class NextLayerGuess:
         counts = torch.bincount(guess, minlength=self.target.num_experts).tolist()
         self.target.prefetch({e: c for e, c in enumerate(counts) if c}, flat.shape[0])
 
-    def hook(self, module, args) -> None:
-        """As a forward pre-hook on a resident layer's MoE block."""
+    def hook(self, module, args) -> tuple | None:
+        """As a forward pre-hook on a resident layer's MoE block. In a compiled step the guess is
+        one opaque op (runtime.host_calls); the block then reads the op's copy of its input, so
+        the op is ordered before it and never dropped as unused."""
+        if torch.compiler.is_compiling():
+            return (_guess_op(args[0], self.host_key), *args[1:])
         self(args[0])
+        return None
+
+
+@torch.library.custom_op("aria::next_layer_guess", mutates_args=())
+def _guess_op(x: Tensor, guess: int) -> Tensor:
+    called(guess)(x)
+    return x.clone()  # an op's output may not be its input
+
+
+@_guess_op.register_fake
+def _(x, guess):
+    return torch.empty_like(x)
