@@ -117,3 +117,24 @@ def test_small_and_large_bf16_gemv_agree_with_the_exact_product_and_leave_onednn
         v = torch.randn(in_features, generator=gen).to(torch.bfloat16)
         assert_bf16_close(gemv(w, v)[None], exact(v[None], w))
         assert torch.backends.mkldnn.enabled
+
+
+def test_compiled_gemv_is_the_eager_kernel_after_a_norm():
+    """Compiled, a bf16 row product stays the gemv kernel (one opaque op): inductor would make
+    it a reduction of its own, fused with the norm before it (as at the lm_head), which differs
+    in rounding and was 4x slower. Equal bits to the eager product show the kernel ran; and the
+    small-weight oneDNN switch around it still leaves oneDNN on."""
+    gen = torch.Generator().manual_seed(3)
+    head = nn.Linear(256, 1024, bias=False).to(torch.bfloat16)
+    nn.init.normal_(head.weight, generator=gen)
+    norm = torch.rand(256, generator=gen).bfloat16()
+    x = torch.randn(1, 1, 256, generator=gen).bfloat16()
+
+    def step(x):
+        return linear(head, torch.nn.functional.rms_norm(x, (256,), norm, 1e-6))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), step(x))
+    assert torch.backends.mkldnn.enabled
