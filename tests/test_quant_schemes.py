@@ -138,6 +138,26 @@ def test_batched_quantize_equals_quantizing_each_expert(name):
 
 
 @pytest.mark.parametrize("name", SCHEMES)
+def test_quantizing_a_few_rows_at_a_time_is_quantizing_the_whole_matrix(name, monkeypatch):
+    """quantize works QUANTIZE_CHUNK_BYTES of rows at a time (here 5 rows, so chunks end off any
+    group or tile boundary, and on a transposed view as HF experts come): the same bytes as
+    one pass over the whole matrix, which the reference tests check."""
+    import quant.base
+
+    scheme = get_scheme(name)
+    weight = random_weight(2, 256, 96, seed=7, dtype=torch.bfloat16).transpose(-1, -2)  # [E, 96, 256] view
+    monkeypatch.setattr(quant.base, "QUANTIZE_CHUNK_BYTES", 1 << 40)
+    whole = scheme.quantize(weight)
+    monkeypatch.setattr(quant.base, "QUANTIZE_CHUNK_BYTES", 5 * 4 * 256)
+    chunked = scheme.quantize(weight)
+    assert all(torch.equal(chunked[s], whole[s]) for s in whole)
+    weight = weight.clone()
+    weight[1, 93, 7] = float("inf")  # in the last chunk of the second expert
+    with pytest.raises(ValueError, match=r"NaN or infinite values \(slice 1\)"):
+        scheme.quantize(weight)
+
+
+@pytest.mark.parametrize("name", SCHEMES)
 def test_transposed_views_quantize_like_contiguous_weights(name):
     scheme = get_scheme(name)
     stored_in_out = random_weight(2, 256, 64, seed=6, dtype=torch.bfloat16)  # HF grouped [E, in, out]
