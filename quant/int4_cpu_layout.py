@@ -42,7 +42,8 @@ def _packer(qdata: Tensor) -> Tensor:
 @cache
 def packer_block_rows() -> int:
     """The BLOCK_N the packer uses in this process, or 0 when its layout is not the one above."""
-    probe = torch.randint(0, 256, (2 * _BLOCK_SIZES[0], 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    probe = torch.randint(0, 256, (2 * _BLOCK_SIZES[0], 64), dtype=torch.uint8, device="cpu",
+                          generator=torch.Generator().manual_seed(0))
     expected = _packer(probe)
     for block in _BLOCK_SIZES:
         mine = torch.empty_like(expected)

@@ -119,8 +119,9 @@ def cpu_fused_layout(qdata: Tensor) -> Tensor:
     bytes holding the tile's 64 codes in (row, feature) order: rows 0-15 in the low nibbles,
     rows 16-31 in the high nibbles.
     """
+    qdata = qdata.contiguous()
     out = torch.empty_like(qdata)
-    pair_rows(qdata.contiguous(), OUT_MULTIPLE, out, feature_last=True)
+    pair_rows(qdata, OUT_MULTIPLE, out, feature_last=True)
     return out
 
 

@@ -301,14 +301,16 @@ class DispatchesOnHost(HostCalled, nn.Module):
         return self.dispatch_on_host(x, top_idx, top_w)
 
 
-@torch.library.custom_op("aria::host_dispatch", mutates_args=())
-def _host_dispatch_op(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor, store: int) -> torch.Tensor:
+# A host read cannot be captured: tagged, inductor keeps any CUDA graph away from the op.
+@torch.library.custom_op("aria::host_dispatch", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
+def _host_dispatch_op(x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor,
+                      store: torch.Tensor) -> torch.Tensor:
     return called(store).dispatch_on_host(x, top_idx, top_w)
 
 
 @_host_dispatch_op.register_fake
 def _(x, top_idx, top_w, store):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 def gathering_now(store: nn.Module, x: torch.Tensor) -> bool:

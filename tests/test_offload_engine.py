@@ -326,3 +326,20 @@ def test_a_copied_store_is_called_by_its_own_key(base):
     stores = [m.language_model.model.layers[0].mlp.experts for m in (original, duplicate)]
     assert stores[0].host_key != stores[1].host_key
     assert [called(s.host_key) for s in stores] == stores
+
+
+def test_a_new_model_reuses_the_compiled_step(config):
+    """The store's key reaches the op as a tensor, not an int baked into the graph: a second and
+    third model (new stores, new keys) reuse the first one's compiled step, each with its own
+    answer (the eager one)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    for seed in range(3):
+        model = _quantized(init_random_weights(build_model(config, device="cpu", dtype=torch.float32), seed=seed),
+                           get_scheme("int8"))
+        eager = generate(model)[0]
+        session = Session(model, 64, compile="eager")
+        assert list(session.generate(PROMPT, max_new_tokens=NEW_TOKENS)) == eager
+    assert counters["stats"]["unique_graphs"] == 1

@@ -65,7 +65,9 @@ def test_fused_cpu_layout_is_the_one_bitsandbytes_builds(shape):
     w = weight(3, shape=shape)
     data, state = bnb_functional.quantize_4bit(w, blocksize=BLOCK, quant_type="nf4")
     theirs, state = bnb_functional._convert_weight_packed_for_cpu(data, state)
-    assert torch.equal(cpu_fused_layout(SCHEME.quantize(w)["qdata"]), theirs)
+    qdata = SCHEME.quantize(w)["qdata"]
+    assert torch.equal(cpu_fused_layout(qdata), theirs)
+    assert torch.equal(cpu_fused_layout(qdata.t().contiguous().t()), theirs)  # the same bytes, column-major
 
 
 def test_bfloat16_cpu_matmul_uses_the_fused_kernel_with_bf16_absmax():

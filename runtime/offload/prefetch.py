@@ -45,12 +45,12 @@ class NextLayerGuess(HostCalled):
         return None
 
 
-@torch.library.custom_op("aria::next_layer_guess", mutates_args=())
-def _guess_op(x: Tensor, guess: int) -> Tensor:
+@torch.library.custom_op("aria::next_layer_guess", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
+def _guess_op(x: Tensor, guess: Tensor) -> Tensor:
     called(guess)(x)
-    return x.clone()  # an op's output may not be its input
+    return x.clone(memory_format=torch.contiguous_format)  # an op's output may not be its input
 
 
 @_guess_op.register_fake
 def _(x, guess):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
