@@ -133,7 +133,13 @@ class AriaGroup(_HelpWrite, TyperGroup):
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         mark_debug(False)
-        return _guarded(ctx, lambda: super(AriaGroup, self).parse_args(ctx, args))
+
+        def parse() -> list[str]:
+            # What the group itself writes while parsing (--show-completion) goes to stdout too.
+            with console.writing_stdout():
+                return super(AriaGroup, self).parse_args(ctx, args)
+
+        return _guarded(ctx, parse)
 
     def invoke(self, ctx: Any) -> Any:
         return _guarded(ctx, lambda: super(AriaGroup, self).invoke(ctx))

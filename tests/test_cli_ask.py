@@ -244,7 +244,8 @@ def test_stdout_closed_or_full_is_one_line(checkpoint):
     helped = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "aria_cli", "--help"],
                             env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60, check=False)
     assert (helped.returncode, helped.stderr) == (closed.returncode, closed.stderr)  # printed by click, same line
-    help_commands = ([sys.executable, "-m", "aria_cli", "--help"], [sys.executable, "-m", "aria_cli", "ask", "-h"])
+    help_commands = ([sys.executable, "-m", "aria_cli", "--help"], [sys.executable, "-m", "aria_cli", "ask", "-h"],
+                     [sys.executable, "-m", "aria_cli", "--show-completion", "bash"])
     for run in [command, command + ["--json"], *help_commands]:
         with open("/dev/full", "w") as full:
             result = subprocess.run(run, env=env, stdin=subprocess.DEVNULL, stdout=full,
