@@ -75,11 +75,12 @@ def output_error(exc: OSError) -> AriaError:
 @contextlib.contextmanager
 def writing_stdout() -> Iterator[None]:
     """A failed write of the result becomes one line that says so. A reader that went away (EPIPE,
-    `aria ... | head`) is left to errors.report, which exits quietly as Unix tools do."""
+    `aria ... | head`) is left to errors.report, which exits quietly as Unix tools do, and so is an
+    error naming a file: a write to stdout names none (--install-completion writes a shell's rc file)."""
     try:
         yield
     except OSError as exc:
-        if exc.errno == errno.EPIPE:
+        if exc.errno == errno.EPIPE or exc.filename is not None:
             raise
         raise output_error(exc) from None
 

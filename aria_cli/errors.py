@@ -116,26 +116,23 @@ def _guarded(ctx: Any, call: Callable[[], Any]) -> Any:
         raise typer.Exit(code) from None
 
 
-class _HelpWrite:
-    """--help that cannot be written (stdout full or closed) is one line, like any other output."""
+class AriaCommand(TyperCommand):
+    """Typer's command whose --help, when stdout is full or closed, is one line like any other
+    output (the group handles its errors; the group's own help is guarded in its parse_args)."""
 
     def format_help(self, ctx: Any, formatter: Any) -> Any:
         with console.writing_stdout():
-            return super().format_help(ctx, formatter)  # type: ignore[misc]
+            return super().format_help(ctx, formatter)
 
 
-class AriaCommand(_HelpWrite, TyperCommand):
-    """Typer's command with aria's --help output handling (the group handles its errors)."""
-
-
-class AriaGroup(_HelpWrite, TyperGroup):
+class AriaGroup(TyperGroup):
     """Typer's group with aria's error policy around parsing and invocation."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         mark_debug(False)
 
         def parse() -> list[str]:
-            # What the group itself writes while parsing (--show-completion) goes to stdout too.
+            # What the group itself writes while parsing (--help, --show-completion) goes to stdout.
             with console.writing_stdout():
                 return super(AriaGroup, self).parse_args(ctx, args)
 

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Kernel, PackedSpec, Scheme
-from .int4_cpu_layout import ROW_CHUNK, cpu_int4_layout
-from .nibbles import pack_nibbles, unpack_nibbles
+from .int4_cpu_layout import cpu_int4_layout
+from .nibbles import ROW_CHUNK, pack_nibbles, unpack_nibbles
 
 # Group sizes the tinygemm CPU and CUDA kernels are compiled for.
 GROUP_SIZES = (32, 64, 128, 256)

@@ -10,6 +10,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# Rows of 4-bit codes handled per step (re-laying, dequantizing): intermediates stay in cache
+# (1.8x faster int4 prepare, 2.5x faster dequantize at 3328x2560). A multiple of every row block
+# the CPU kernels lay out (32, 64).
+ROW_CHUNK = 256
+
 
 def pack_nibbles(codes: Tensor) -> Tensor:
     """uint8 [..., 2n] of values 0..15 -> uint8 [..., n]."""
@@ -27,7 +32,7 @@ def unpack_nibbles(packed: Tensor, dtype: torch.dtype = torch.uint8) -> Tensor:
     return codes.flatten(-2)
 
 
-def pair_rows(qdata: Tensor, block: int, out: Tensor, feature_last: bool = False, chunk: int = 256) -> None:
+def pair_rows(qdata: Tensor, block: int, out: Tensor, feature_last: bool = False, chunk: int = ROW_CHUNK) -> None:
     """The layout CPU 4-bit kernels read, from stored bytes: per block of `block` rows, row r's code
     in the low nibble and row r + block/2's in the high one, one byte per input feature.
 

@@ -278,8 +278,7 @@ class Assistant:
 
     @property
     def context_at_model_max(self) -> bool:
-        """Whether the context already holds all the model takes (a larger --max-context would not help)."""
-        return self.session.max_len >= self.config.text.max_position_embeddings
+        return self.session.cache.at_model_max  # (kv_cache: the rule its own error message follows)
 
     def reset(self) -> None:
         """Forget the cached conversation (the next reply prefills from scratch)."""

@@ -28,7 +28,6 @@ class HostCalled:
     def _register(self) -> None:
         key = id(self)
         _OBJECTS[key] = self
-        # Not a registered buffer: plain attribute, never moved to a device or saved.
         object.__setattr__(self, "host_key", torch.tensor(key, dtype=torch.int64))
 
     def __setstate__(self, state: dict[str, Any]) -> None:

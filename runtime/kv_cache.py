@@ -44,10 +44,14 @@ class KVCache:
         per_layer = 2 * batch_size * config.num_key_value_heads * max_len * config.head_dim
         return per_layer * config.num_hidden_layers * torch.empty((), dtype=dtype).element_size()
 
+    @property
+    def at_model_max(self) -> bool:
+        """Whether it holds all the model takes: a larger --max-context would be capped back to it."""
+        return self.max_len >= self.model_max_len
+
     def check_room(self, start: int, length: int) -> None:
         if start + length > self.max_len:
-            # At the model's own maximum, a larger --max-context would only be capped back to it.
-            at_most = self.max_len >= self.model_max_len
+            at_most = self.at_model_max
             holds = f"{self.max_len} (the most this model takes)" if at_most else str(self.max_len)
             todo = "shorten the prompt" if at_most else "raise --max-context, shorten the prompt"
             raise InputError(f"the conversation needs {start + length} tokens but the context holds {holds}; "

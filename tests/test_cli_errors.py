@@ -205,3 +205,18 @@ def test_real_process_interrupt_is_130(tmp_path):
     proc = aria_process("wait", script=script)
     assert proc.returncode == 130
     assert proc.stderr == "interrupted\n" and proc.stdout == ""
+
+
+def test_the_stdout_guard_leaves_errors_naming_a_file_alone():
+    """A failed write to stdout names no file; one that does (a shell's rc file that
+    --install-completion writes) is not reported as "cannot write the output"."""
+    import errno
+
+    from aria_cli import console
+    from runtime.errors import AriaError
+
+    with pytest.raises(AriaError, match="cannot write the output: no space left on device"), console.writing_stdout():
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(PermissionError) as caught, console.writing_stdout():
+        raise PermissionError(errno.EACCES, "Permission denied", "/home/me/.bashrc")
+    assert caught.value.filename == "/home/me/.bashrc"

@@ -117,8 +117,8 @@ def test_bfloat16_weights_quantize_like_their_float32_values():
 
 _LAYOUT_CHECK = """
 import sys, torch
-from quant.int4_cpu_layout import ROW_CHUNK, cpu_int4_layout, packer_block_rows
-from quant.nibbles import unpack_nibbles
+from quant.int4_cpu_layout import cpu_int4_layout, packer_block_rows
+from quant.nibbles import ROW_CHUNK, unpack_nibbles
 gen = torch.Generator().manual_seed(11)
 # Whole blocks, a partial last block of every size, a partial last chunk, and a strided view.
 for rows in (16, 48, 64, 80, 96, 112, 320, 2 * ROW_CHUNK + 48):
