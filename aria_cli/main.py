@@ -3,7 +3,7 @@
 Every command is registered here. Errors and exit codes are handled for all of them by
 AriaGroup (errors.py); shared flags come from options.py (`@with_options(...)`).
 
-A new command (ask, chat, quantize, plan) lives in its own module: it takes its shared flags with
+A new command (ask, chat, quantize, plan, serve) lives in its own module: it takes its shared flags with
 `@with_options(RunOptions)` (or HubOptions / OutputOptions), gets its checkpoint directory from
 `models.resolve_model_dir(opts.model, offline=opts.offline)`, writes its result with
 `console.emit_text` / `console.emit_json` and everything else with `console.info` / `warn` /
@@ -27,6 +27,7 @@ from .errors import AriaCommand, AriaGroup, AriaTyper, Terminated, exit_at_once
 from .model_commands import download, models, rm
 from .plan_command import plan
 from .quantize_command import quantize
+from .serve import serve
 
 # `timeout`, `docker stop` and systemd send SIGTERM; closing the terminal sends SIGHUP.
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -96,5 +97,5 @@ def version() -> None:
 
 
 for command, panel in [(ask, None), (chat, None), (download, "Models"), (models, "Models"), (rm, "Models"),
-                       (quantize, "Models"), (demo, None), (plan, None)]:
+                       (quantize, "Models"), (demo, None), (plan, None), (serve, None)]:
     app.command(cls=AriaCommand, rich_help_panel=panel)(command)

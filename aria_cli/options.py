@@ -4,6 +4,7 @@ Option groups, each a frozen dataclass whose fields are settings (see settings.p
 - OutputOptions: -v/--verbose, --debug, --json, -q/--quiet (every command);
 - HubOptions: OutputOptions + --offline (commands that may reach the Hub);
 - RunOptions: HubOptions + model, generation and placement flags (ask, chat);
+- ServeOptions: RunOptions + where to listen, the API key and the wait queue (serve);
 - PlacementOptions: HubOptions + model and placement flags, no generation (plan).
 
 A command asks for a group with `@with_options(RunOptions)` and a parameter `opts: RunOptions`:
@@ -74,6 +75,16 @@ class RunOptions(HubOptions):
 
 
 @dataclass(frozen=True)
+class ServeOptions(RunOptions):
+    """`aria serve`: everything `ask` takes (defaults for each request) and where to listen."""
+
+    host: str
+    port: int  # 0: any free port (the one chosen is printed)
+    api_key: str | None  # required as `Authorization: Bearer KEY` when set
+    max_queue: int  # requests that may wait while one is answered; more get 429
+
+
+@dataclass(frozen=True)
 class PlacementOptions(HubOptions):
     """What `aria plan` needs: the model and where it would run, without generation settings."""
 
@@ -90,7 +101,7 @@ class PlacementOptions(HubOptions):
     compile: bool  # compiled decode: CUDA graphs need their own memory
 
 
-_GEN, _RUN, _HUB, _OUT = "Generation", "Runtime", "Hub", "Output"
+_GEN, _RUN, _SRV, _HUB, _OUT = "Generation", "Runtime", "Server", "Hub", "Output"
 
 
 def _default(name: str, shown: str | None = None) -> str:
@@ -158,6 +169,13 @@ DECLARATIONS: dict[str, Any] = {
                          help="Context length the KV cache holds, in tokens (at most the model's)."),
     "compile": _flag("--compile/--no-compile", name="compile", panel=_RUN,
                      help="Compile the decode step (slow first token, faster after; needs a C++ compiler on CPU)."),
+    "host": _text("--host", name="host", panel=_SRV, metavar="ADDRESS",
+                  help="Address to listen on; 0.0.0.0 or :: listens on every interface (set an --api-key then)."),
+    "port": _text("--port", name="port", panel=_SRV, metavar="N", help="Port to listen on; 0 picks a free one."),
+    "api_key": _text("--api-key", name="api_key", panel=_SRV, metavar="KEY", shown="none",
+                     help="Require `Authorization: Bearer KEY` on every request."),
+    "max_queue": _text("--max-queue", name="max_queue", panel=_SRV, metavar="N",
+                       help="Requests that may wait while one is answered; more are refused with 429."),
     "offline": _flag("--offline/--online", name="offline", panel=_HUB,
                      help="Use only downloaded models; make no network call (also HF_HUB_OFFLINE=1 or "
                           "TRANSFORMERS_OFFLINE=1; --online overrides them)."),

@@ -215,6 +215,10 @@ def _seed_range(v: int) -> str | None:
     return _at_least(0)(v) or (None if v <= _MAX_SEED else f"must be at most {_MAX_SEED}")
 
 
+def _port_range(v: int) -> str | None:
+    return None if 0 <= v <= 65535 else "must be a port number from 0 to 65535 (0: any free port)"
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str  # dataclass field and config-file key
@@ -264,6 +268,11 @@ SETTINGS: dict[str, Setting] = {
         Setting("expert_slots", "--expert-slots", _as_int, None, _at_least(0)),
         Setting("max_context", "--max-context", _as_int, 8192, _at_least(1)),
         Setting("compile", "--compile", _as_bool, False),
+        # aria serve
+        Setting("host", "--host", _as_str, "127.0.0.1", lambda v: None if v.strip() else "must not be empty"),
+        Setting("port", "--port", _as_int, 8000, _port_range),
+        Setting("api_key", "--api-key", _as_str, None, lambda v: None if v.strip() else "must not be empty"),
+        Setting("max_queue", "--max-queue", _as_int, 16, _at_least(0)),
         # hub and output
         Setting("offline", "--offline", _as_bool, False, foreign_env=_hub_offline),
         Setting("verbose", "--verbose", _as_bool, False),

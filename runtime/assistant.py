@@ -9,13 +9,14 @@ the timings the CLI prints with --verbose / --json.
 
 from __future__ import annotations
 
+import hashlib
 import resource
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
@@ -50,9 +51,26 @@ class GenerationOptions:
 class Turn:
     role: str  # "system" | "user" | "assistant"
     text: str
-    images: list[Image.Image] = field(default_factory=list)  # shown before the text, in order
+    images: list[Image.Image] = field(default_factory=list)  # in order
     image_sources: list[str] = field(default_factory=list)  # where they came from (for /save)
     interrupted: bool = False  # an assistant answer cut off by Ctrl-C
+    # Where each picture stands in `text` (a character offset); empty: all before the text, as
+    # `aria ask` and the chat show them. A server request may interleave them (text, picture, text).
+    image_offsets: list[int] = field(default_factory=list)
+
+    def content(self) -> list[dict[str, Any]]:
+        """The message content in Aria's template items: pictures at their offsets, text between."""
+        offsets = self.image_offsets or [0] * len(self.images)
+        items: list[dict[str, Any]] = []
+        at = 0
+        for offset in offsets:
+            if offset > at:
+                items.append({"type": "text", "text": self.text[at:offset]})
+                at = offset
+            items.append({"type": "image"})
+        if at < len(self.text) or not items or items[-1]["type"] == "image":
+            items.append({"type": "text", "text": self.text[at:]})
+        return items
 
 
 @dataclass
@@ -71,21 +89,22 @@ class Conversation:
         if text:
             self.turns.insert(0, Turn("system", text))
 
-    def add(self, role: str, text: str, images=(), sources=(), interrupted: bool = False) -> Turn:
+    def add(self, role: str, text: str, images=(), sources=(), interrupted: bool = False,
+            image_offsets=()) -> Turn:
         """Raises InputError, adding nothing, if `text` holds the picture marker: every later
-        prompt would be refused (runtime.chat_template), so it never enters the conversation."""
+        prompt would be refused (runtime.chat_template), so it never enters the conversation.
+        `image_offsets`: where each picture stands in `text` (none given: all before it)."""
         _check_no_marker(text, role)
-        turn = Turn(role, text, list(images), list(sources), interrupted)
+        offsets = list(image_offsets)
+        if offsets and (len(offsets) != len(images) or offsets != sorted(offsets)
+                        or not 0 <= offsets[0] <= offsets[-1] <= len(text)):
+            raise ValueError("image_offsets must be one ascending offset into the text per picture")
+        turn = Turn(role, text, list(images), list(sources), interrupted, offsets)
         self.turns.append(turn)
         return turn
 
     def messages(self) -> list[dict[str, Any]]:
-        out = []
-        for turn in self.turns:
-            content: list[dict[str, Any]] = [{"type": "image"} for _ in turn.images]
-            content.append({"type": "text", "text": turn.text})
-            out.append({"role": turn.role, "content": content})
-        return out
+        return [{"role": turn.role, "content": turn.content()} for turn in self.turns]
 
     def images(self) -> list[Image.Image]:
         return [image for turn in self.turns for image in turn.images]
@@ -159,9 +178,15 @@ class Assistant:
         self.session = Session(model, min(max_context, model.config.text.max_position_embeddings), compile=compile,
                                cuda_graphs=cuda_graphs)
         self.offload = offload  # the expert offload engine, when a plan put experts in host memory
-        # Per picture object, computed once. The picture is kept with its pixels: were it freed, a
-        # new picture could get its id() and be answered with the old one's pixels (chat /clear).
-        self._processed: dict[int, tuple[Image.Image, ProcessedImages]] = {}
+        # Per picture object of the current conversation: its content key and pixels, computed
+        # once. The picture is kept with them: were it freed, a new picture could get its id()
+        # and be answered with the old one's pixels. Pictures that leave the conversation are
+        # dropped (a server answering request after request must not grow).
+        self._pictures: dict[int, tuple[Image.Image, bytes, ProcessedImages]] = {}
+        # Content keys of the pictures whose tokens the cache may hold, in prompt order. Every
+        # picture's tokens are the same id, so a prompt whose text matches the cache's tokens
+        # but shows another picture must not reuse that picture's keys and values.
+        self._cached_pictures: list[bytes] = []
         self.config = model.config
         self.config.tokens_per_crop(crop_size)  # refuse an unsupported crop size before any question
 
@@ -182,12 +207,15 @@ class Assistant:
                    cuda_graphs=graphs, **options)
 
     def _pixels(self, images: list[Image.Image]) -> ProcessedImages:
-        parts = []
+        pictures = {}
         for image in images:
-            key = id(image)
-            if key not in self._processed:
-                self._processed[key] = (image, preprocess_images([image], self.crop_size, self.split_image))
-            parts.append(self._processed[key][1])
+            known = self._pictures.get(id(image))
+            if known is None:
+                known = (image, picture_key(image), preprocess_images([image], self.crop_size, self.split_image))
+            pictures[id(image)] = known
+        self._pictures = pictures
+        self._forget_changed_pictures([pictures[id(image)][1] for image in images])
+        parts = [pictures[id(image)][2] for image in images]
         if not parts:
             return preprocess_images([], self.crop_size)
         return ProcessedImages(
@@ -207,15 +235,29 @@ class Assistant:
         counts = pixels.image_token_counts(per_crop)
         return encode_prompt(self.tokenizer, conversation.messages(), counts), pixels
 
-    def reply(self, conversation: Conversation, options: GenerationOptions | None = None) -> Reply:
+    def _forget_changed_pictures(self, keys: list[bytes]) -> None:
+        """Cut the cache before the first picture that is not the one it was computed with."""
+        same = 0
+        for old, new in zip(self._cached_pictures, keys):
+            if old != new:
+                break
+            same += 1
+        if same < len(self._cached_pictures):
+            self.session.forget_from_picture(same)
+        self._cached_pictures = keys
+
+    def reply(self, conversation: Conversation, options: GenerationOptions | None = None,
+              cancel: Cancel | None = None) -> Reply:
+        """`cancel`: checked after every token; once set, the reply ends there as "interrupted"
+        (a server's client went away), keeping what was generated, as Ctrl-C does."""
         options = options or GenerationOptions()
         ids, pixels = self.prompt_ids(conversation)
         reply = Reply(iter(()))
-        reply._chunks = self._stream(reply, ids, pixels, options)
+        reply._chunks = self._stream(reply, ids, pixels, options, cancel)
         return reply
 
     def _stream(self, reply: Reply, ids: list[int], pixels: ProcessedImages,
-                options: GenerationOptions) -> Iterator[str]:
+                options: GenerationOptions, cancel: Cancel | None) -> Iterator[str]:
         stats = reply.stats
         stats.load_s = self.load_s
         decoder = StreamDecoder(self.tokenizer, options.stop)
@@ -245,6 +287,9 @@ class Assistant:
                     yield chunk
                 if decoder.stopped:  # a user stop string: the rest is not wanted
                     hit_stop = True
+                    break
+                if cancel is not None and cancel.is_set():
+                    reply.finish_reason = "interrupted"
                     break
             else:
                 # The generator ended by itself: a stop token, or the token / context limit.
@@ -285,9 +330,22 @@ class Assistant:
         self.session.reset()
 
     def forget_pictures(self) -> None:
-        """Drop the preprocessed pixels kept for every picture seen so far (about 11 MB each at
-        980), e.g. between unrelated one-question conversations."""
-        self._processed.clear()
+        """Drop the preprocessed pixels kept for the pictures of the last conversation (about
+        11 MB each at 980), e.g. between unrelated one-question conversations."""
+        self._pictures.clear()
+
+
+class Cancel(Protocol):
+    """What `Assistant.reply` polls to stop early: a threading.Event fits."""
+
+    def is_set(self) -> bool: ...
+
+
+def picture_key(image: Image.Image) -> bytes:
+    """A digest of what the model sees of a picture: its mode, size and pixels."""
+    digest = hashlib.blake2b(f"{image.mode} {image.size}".encode(), digest_size=16)
+    digest.update(image.tobytes())
+    return digest.digest()
 
 
 def _expert_counts(before: PhaseStats, after: PhaseStats) -> dict[str, float]:

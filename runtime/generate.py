@@ -101,6 +101,18 @@ class Session:
     def reset(self) -> None:
         self.cached = []
 
+    def forget_from_picture(self, index: int) -> None:
+        """Forget the cache from the tokens of its picture number `index` (0-based) on: the
+        next prompt shows another picture there, behind the same image token ids."""
+        image_id = self.model.config.image_token_index
+        seen = 0
+        for position, token in enumerate(self.cached):
+            if token == image_id and (position == 0 or self.cached[position - 1] != image_id):
+                if seen == index:
+                    del self.cached[position:]
+                    return
+                seen += 1
+
     def _reuse_point(self, prompt: list[int]) -> int:
         n = 0
         limit = min(len(self.cached), len(prompt) - 1)  # always run >= 1 token to get logits

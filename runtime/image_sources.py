@@ -1,4 +1,4 @@
-"""Where images come from: a path, an http(s) URL, or bytes (stdin). Every way a picture can be
+"""Where images come from: a path, an http(s) or data: URL, or bytes (stdin). Every way a picture can be
 unusable ends here as one ImageError line, so preprocessing only ever sees a decoded image.
 
 Checks, in order: the source can be read (exists, is a file, URL reachable, under the byte cap),
@@ -10,6 +10,8 @@ first frame is kept. Colour-mode conversion belongs to image_processing.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import http.client
 import io
 import sys
@@ -45,7 +47,7 @@ def load_image(
     timeout: float = DEFAULT_TIMEOUT,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Image.Image:
-    """Open an image from a path, an http(s) URL, raw bytes, or "-" (standard input).
+    """Open an image from a path, an http(s) or base64 data: URL, raw bytes, or "-" (standard input).
 
     `offline` refuses URLs (HF_HUB_OFFLINE / --offline means no network call at all).
     """
@@ -54,6 +56,8 @@ def load_image(
     text = str(source)
     if text == STDIN_NAME:
         return decode_image(read_stdin(max_bytes=max_bytes), "<stdin>")
+    if text[:5].lower() == "data:":
+        return decode_image(data_url_bytes(text, max_bytes=max_bytes), "<data: URL>")
     if text.lower().startswith(("http://", "https://")):
         if offline:
             raise ImageError(f"cannot fetch {text}: offline mode allows no downloads; save the image and pass its path")
@@ -115,6 +119,21 @@ def fetch_url(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DE
     if len(data) > max_bytes:
         raise ImageError(f"image at {url} is over the {_mb(max_bytes)} limit")
     return data
+
+
+def data_url_bytes(url: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes a `data:[<type>][;base64],<data>` URL (RFC 2397) carries: how OpenAI-style
+    clients send pictures inline. Base64 only: a picture is binary."""
+    header, comma, payload = url.partition(",")
+    if not comma or not header.lower().endswith(";base64"):
+        raise ImageError("a data: URL must be base64, like data:image/png;base64,iVBORw0...")
+    payload = "".join(payload.split())  # line breaks are allowed inside base64
+    if len(payload) > (max_bytes + 2) // 3 * 4:
+        raise ImageError(f"the image in the data: URL is over the {_mb(max_bytes)} limit")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("the data: URL is not valid base64; encode the picture's file with base64") from None
 
 
 def _read_until(response, limit: int, ends: float, late: str) -> bytes:
