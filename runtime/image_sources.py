@@ -128,12 +128,18 @@ def data_url_bytes(url: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     if not comma or not header.lower().endswith(";base64"):
         raise ImageError("a data: URL must be base64, like data:image/png;base64,iVBORw0...")
     payload = "".join(payload.split())  # line breaks are allowed inside base64
+    too_big = f"the image in the data: URL is over the {_mb(max_bytes)} limit"
+    # Refused before decoding; base64 lengths round up to whole 3-byte groups, so the decoded
+    # length is checked too (up to 2 bytes over the cap would pass this check alone).
     if len(payload) > (max_bytes + 2) // 3 * 4:
-        raise ImageError(f"the image in the data: URL is over the {_mb(max_bytes)} limit")
+        raise ImageError(too_big)
     try:
-        return base64.b64decode(payload, validate=True)
+        data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise ImageError("the data: URL is not valid base64; encode the picture's file with base64") from None
+    if len(data) > max_bytes:
+        raise ImageError(too_big)
+    return data
 
 
 def _read_until(response, limit: int, ends: float, late: str) -> bytes:

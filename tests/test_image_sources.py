@@ -1,5 +1,6 @@
-"""Image sources (path, URL on a loopback server, bytes, stdin) and every bad input -> one-line ImageError."""
+"""Image sources (path, URL on a loopback server, data: URL, bytes, stdin) and every bad input -> one-line ImageError."""
 
+import base64
 import io
 import socket
 import struct
@@ -16,7 +17,7 @@ import pytest
 from PIL import Image
 
 from runtime.errors import AriaError, ImageError
-from runtime.image_sources import fetch_url, load_image, read_stdin
+from runtime.image_sources import data_url_bytes, fetch_url, load_image, read_stdin
 
 
 def _png_bytes(image):
@@ -171,6 +172,59 @@ def test_empty_stdin():
 def test_stdin_over_cap():
     with pytest.raises(ImageError, match="larger than"):
         read_stdin(io.BytesIO(b"x" * 101), max_bytes=100)
+
+
+# ---------------------------------------------------------------- data: URLs
+
+
+def _data_url(data, header="data:image/png;base64,"):
+    return header + base64.b64encode(data).decode("ascii")
+
+
+def test_data_url_gives_the_same_picture_as_the_file(tmp_path):
+    picture = _picture(seed=4)
+    path = tmp_path / "photo.png"
+    path.write_bytes(_png_bytes(picture))
+    from_file = load_image(path)
+    assert _same_pixels(load_image(_data_url(path.read_bytes())), from_file)
+    # Any media type or none, the scheme and ";base64" in any case, base64 wrapped over lines;
+    # offline too: nothing is downloaded.
+    wrapped = "DATA:;BASE64," + base64.encodebytes(path.read_bytes()).decode("ascii")
+    assert "\n" in wrapped and _same_pixels(load_image(wrapped, offline=True), from_file)
+
+
+@pytest.mark.parametrize("url", [
+    "data:image/png,%89PNG%0D%0A",  # percent-encoded, not base64
+    "data:text/plain;charset=utf-8,hello",
+    "data:image/png;base64",  # no comma: no data at all
+])
+def test_a_data_url_that_is_not_base64(url):
+    assert _error(url) == "a data: URL must be base64, like data:image/png;base64,iVBORw0..."
+
+
+@pytest.mark.parametrize("payload", ["iVBORw0KGgo*AAAA", "iVBORw0KGgoAA", "====", "aGVsbG8=aGVsbG8="])
+def test_a_data_url_that_is_not_valid_base64(payload):
+    assert _error("data:image/png;base64," + payload) == (
+        "the data: URL is not valid base64; encode the picture's file with base64")
+
+
+def test_a_data_url_of_something_else_is_not_an_image():
+    assert "<data: URL> is a text file, not an image" in _error(_data_url(b"just some words\n"))
+    assert "<data: URL> is empty" in _error("data:image/png;base64,")
+
+
+def test_data_url_over_the_byte_cap():
+    png = _png_bytes(_picture(seed=5))
+    assert _same_pixels(load_image(_data_url(png), max_bytes=len(png)), _picture(seed=5))
+    message = _error(_data_url(png), max_bytes=len(png) - 1)
+    assert "over the" in message and "limit" in message
+    # The cap is on the decoded bytes, exactly as for files, URLs and stdin, whatever the
+    # base64 padding: max_bytes bytes pass, one more does not.
+    for cap in (99, 100, 101):
+        assert len(data_url_bytes(_data_url(bytes(cap)), max_bytes=cap)) == cap
+        for extra in (1, 2):
+            with pytest.raises(ImageError, match="over the .* limit"):
+                data_url_bytes(_data_url(bytes(cap + extra)), max_bytes=cap)
 
 
 # ---------------------------------------------------------------- URLs (loopback only)
