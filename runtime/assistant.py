@@ -95,11 +95,11 @@ class Conversation:
         prompt would be refused (runtime.chat_template), so it never enters the conversation.
         `image_offsets`: where each picture stands in `text` (none given: all before it)."""
         _check_no_marker(text, role)
-        offsets = list(image_offsets)
+        images, offsets = list(images), list(image_offsets)
         if offsets and (len(offsets) != len(images) or offsets != sorted(offsets)
                         or not 0 <= offsets[0] <= offsets[-1] <= len(text)):
             raise ValueError("image_offsets must be one ascending offset into the text per picture")
-        turn = Turn(role, text, list(images), list(sources), interrupted, offsets)
+        turn = Turn(role, text, images, list(sources), interrupted, offsets)
         self.turns.append(turn)
         return turn
 
