@@ -19,8 +19,8 @@ import sys
 
 import pytest
 import torch
+from endless_checkpoint import write_endless_checkpoint
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 from user_env import isolate_user_env
 
@@ -298,14 +298,7 @@ def test_ctrl_c_in_json_mode_reports_interrupted_with_the_tokens_so_far(checkpoi
 
 @pytest.fixture(scope="module")
 def endless_checkpoint(tmp_path_factory):
-    """A tiny model that never says a stop token (their output rows are zero), so it talks until stopped."""
-    path = write_tiny_checkpoint(tmp_path_factory.mktemp("endless"), seed=5)
-    weights = load_file(path / "model.safetensors")
-    head = weights["language_model.lm_head.weight"].clone()
-    head[[2, 11]] = 0  # eos and <|im_end|> of the tiny tokenizer (runtime.tokenizer stop_ids)
-    weights["language_model.lm_head.weight"] = head
-    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
-    return path
+    return write_endless_checkpoint(tmp_path_factory.mktemp("endless"))
 
 
 def test_ctrl_c_in_a_real_process_keeps_the_printed_answer_and_exits_130(endless_checkpoint):

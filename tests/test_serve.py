@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from endless_checkpoint import write_endless_checkpoint
 from serve_harness import (
     Server,
     data_url,
@@ -32,7 +33,6 @@ from typer.testing import CliRunner
 
 from aria_cli.main import app
 from runtime.demo_paths import DEMO_EXAMPLES_DIR
-from runtime.tiny_checkpoint import write_tiny_checkpoint
 
 openai = pytest.importorskip("openai")  # the dev extra; CI installs it
 
@@ -281,16 +281,7 @@ def test_routes_methods_and_the_official_clients_errors(demo_server):
 
 @pytest.fixture(scope="module")
 def endless(tmp_path_factory) -> Path:
-    """A tiny model that never says a stop token (their output rows are zero), so it talks until stopped."""
-    from safetensors.torch import load_file, save_file
-
-    path = write_tiny_checkpoint(tmp_path_factory.mktemp("endless"), seed=5)
-    weights = load_file(path / "model.safetensors")
-    head = weights["language_model.lm_head.weight"].clone()
-    head[[2, 11]] = 0  # eos and <|im_end|> of the tiny tokenizer (runtime.tokenizer stop_ids)
-    weights["language_model.lm_head.weight"] = head
-    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
-    return path
+    return write_endless_checkpoint(tmp_path_factory.mktemp("endless"))
 
 
 LONG = {"model": None, "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 900,
