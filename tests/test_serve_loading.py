@@ -78,3 +78,20 @@ def test_while_loading_requests_get_503_and_the_same_server_answers_once_loaded(
     text_question = {"model": "demo", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3}
     status, _, answer = call(port, "POST", "/v1/chat/completions", text_question)
     assert status == 200 and answer["usage"]["completion_tokens"] <= 3
+
+
+def test_the_servers_system_prompt_is_the_default_for_requests_without_one(tmp_path, monkeypatch):
+    from aria_cli.server.app import _conversation
+    from aria_cli.server.chat_request import parse_chat_request
+
+    isolate_user_env(monkeypatch, tmp_path)
+    opts = resolve_options(ServeOptions, {"model": "demo", "system": "Answer in one word."})
+    plain = parse_chat_request({"messages": [{"role": "user", "content": "Hi"}]})
+    assert _conversation(plain, opts).messages() == [
+        {"role": "system", "content": [{"type": "text", "text": "Answer in one word."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+    ]
+    own = parse_chat_request({"messages": [{"role": "developer", "content": "Be kind."},
+                                           {"role": "user", "content": "Hi"}]})
+    assert [(m["role"], m["content"][0]["text"]) for m in _conversation(own, opts).messages()] == [
+        ("system", "Be kind."), ("user", "Hi")]
