@@ -370,7 +370,14 @@ def _too_small_message(config, budget, context, scheme, dtype, label, weights, k
             smaller = None
         if smaller is not None and smaller + kv + work + stream <= budget:
             hints.append("try --quant int4")
-    return message + ("; " + " or ".join(hints) if hints else "; use a GPU with more memory")
+    return message + ("; " + " or ".join(hints) if hints else f"; use a GPU with more memory, or {SEVERAL_GPUS}")
+
+
+# Where a model that no single GPU here can hold still runs: vLLM implements Aria and splits the
+# original checkpoint over several GPUs (the README's "Beyond one GPU"; the same OpenAI clients
+# that talk to `aria serve` talk to it).
+SEVERAL_GPUS = ("several GPUs with vLLM: vllm serve rhymes-ai/Aria --tokenizer-mode slow --trust-remote-code "
+                "--tensor-parallel-size 2 (see the README, Beyond one GPU)")
 
 
 def _largest_context(config, budget, scheme, dtype, weights, stream, prefill_chunk, image_crops, context) -> int:

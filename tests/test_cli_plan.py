@@ -93,6 +93,12 @@ def test_impossible_budget_is_one_line_error():
     assert "but the budget is 4.3 GB" in result.stderr
 
 
+def test_a_card_that_holds_the_model_at_no_scheme_points_to_vllm():
+    result = plan("--gpu-memory", "3GiB")
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert "use a GPU with more memory, or several GPUs with vLLM: vllm serve rhymes-ai/Aria" in result.stderr
+
+
 def test_placement_flags_and_bandwidths_reach_the_planner():
     printed = rows(plan("--gpu-memory", "24GiB", "--quant", "int4", "--n-cpu-moe", "4", "--expert-slots", "16",
                         "--max-context", "4096", "--pcie-bandwidth", "64", "--cpu-bandwidth", "80"))

@@ -16,6 +16,7 @@ from runtime.placement import (
     CACHE,
     DEVICE,
     HOST,
+    SEVERAL_GPUS,
     Bandwidths,
     card_plans,
     plan_placement,
@@ -173,6 +174,18 @@ def test_impossible_budget_says_what_would_fit(aria):
     assert plan.device_bytes <= 16 * GIB
     with pytest.raises(PlacementError):
         plan_placement(aria, 16 * GIB, context=suggested + 1024, scheme="bf16")
+
+
+def test_a_budget_no_scheme_fits_points_to_several_gpus(aria):
+    # 3 GiB holds the dense weights and a short cache at no scheme, whatever the context.
+    for scheme in ("bf16", "int8", "int4"):
+        with pytest.raises(PlacementError):
+            plan_placement(aria, 3 * GIB, context=1024, scheme=scheme)
+    with pytest.raises(PlacementError) as info:
+        plan_placement(aria, 3 * GIB, scheme="int4")
+    message = str(info.value)
+    assert "\n" not in message and message.endswith("use a GPU with more memory, or " + SEVERAL_GPUS)
+    assert "vllm serve rhymes-ai/Aria" in SEVERAL_GPUS
 
 
 def test_expert_slots_that_do_not_fit_name_the_most_that_do(aria):
