@@ -179,8 +179,7 @@ async def _chat_completions(state: ServerState, request: Request) -> Response:
                            headers={"Retry-After": str(RETRY_AFTER_S)})
     try:
         conversation = await anyio.to_thread.run_sync(_conversation, chat, state.opts)
-        settings = {**chat.settings}
-        options = generation_options(dataclasses.replace(state.opts, **settings))
+        options = generation_options(dataclasses.replace(state.opts, **chat.settings))
         completion = Completion(state.opts.model)
         job = Job(asyncio.get_running_loop(), conversation, options, completion.id)
         worker.submit(job)
