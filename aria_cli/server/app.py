@@ -16,7 +16,7 @@ import hmac
 import ipaddress
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -49,6 +49,9 @@ class ServerState:
     opts: ServeOptions
     worker: ModelWorker
     max_body: int = MAX_BODY_BYTES
+    # Threads that fetch and decode requests' pictures at once: more would only share the same
+    # cores, and each thread's allocations stay with it (glibc gives every thread its own arena).
+    picture_threads: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(4))
 
 
 def build_app(state: ServerState) -> Starlette:
@@ -178,7 +181,8 @@ async def _chat_completions(state: ServerState, request: Request) -> Response:
                            status=429, kind="rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
     try:
-        conversation = await anyio.to_thread.run_sync(_conversation, chat, state.opts)
+        conversation = await anyio.to_thread.run_sync(_conversation, chat, state.opts, 
+                                                    limiter=state.picture_threads)
         options = generation_options(dataclasses.replace(state.opts, **chat.settings))
         completion = Completion(state.opts.model)
         job = Job(asyncio.get_running_loop(), conversation, options, completion.id)
