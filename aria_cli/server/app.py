@@ -181,8 +181,8 @@ async def _chat_completions(state: ServerState, request: Request) -> Response:
                            status=429, kind="rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
     try:
-        conversation = await anyio.to_thread.run_sync(_conversation, chat, state.opts, 
-                                                    limiter=state.picture_threads)
+        conversation = await anyio.to_thread.run_sync(_conversation, chat, state.opts,
+                                                      limiter=state.picture_threads)
         options = generation_options(dataclasses.replace(state.opts, **chat.settings))
         completion = Completion(state.opts.model)
         job = Job(asyncio.get_running_loop(), conversation, options, completion.id)
