@@ -317,9 +317,9 @@ def plan_placement(
     stream = STREAM_BUFFERS if n_gpu else 0
     room = budget - fixed - stream * slot
     if room < 0:
-        raise PlacementError(_too_small_message(config, budget, context, scheme, dtype, label, weights,
-                                                kv, work, stream * slot, n_gpu, cpu_moe, prefill_chunk,
-                                                image_crops))
+        raise PlacementError(_too_small_message(config, budget, context, scheme, dtype, label, weights, kv, work,
+                                                stream, stream * slot, n_gpu, cpu_moe, prefill_chunk, image_crops,
+                                                quantized))
     if expert_slots is not None:
         need = expert_slots * slot * n_gpu
         if need > room:
@@ -350,26 +350,21 @@ def _check_flags(t: TextConfig, budget: int, context: int, n_cpu_moe: int, exper
         raise UsageError(f"the miss policy must be one of {', '.join(MISS_POLICIES)}, got {miss_policy!r}")
 
 
-def _too_small_message(config, budget, context, scheme, dtype, label, weights, kv, work, stream, n_gpu,
-                       cpu_moe, prefill_chunk, image_crops) -> str:
+def _too_small_message(config, budget, context, scheme, dtype, label, weights, kv, work, streams, stream, n_gpu,
+                       cpu_moe, prefill_chunk, image_crops, quantized) -> str:
     """One line: what the minimum is made of, and the nearest thing that would fit."""
     need = weights.dense + kv + work + stream
     message = (f"Aria needs at least {human_size(need)} of GPU memory at {label} with {context} tokens of context "
                f"(weights {human_size(weights.dense)}, KV cache {human_size(kv)}, workspace {human_size(work)}) but the budget is "
                f"{human_size(budget)}")
+    sizes = (config, dtype, quantized, prefill_chunk, image_crops, streams)
     hints = []
     if n_gpu and not cpu_moe and need - stream <= budget:
         hints.append("try --cpu-moe")
-    fits = _largest_context(config, budget, scheme, dtype, weights, stream, prefill_chunk, image_crops, context)
+    fits = _largest_context(budget, scheme, context, *sizes)
     if fits:
         hints.append(f"try --max-context {fits}")
-    if scheme is None or scheme.name != "int4":
-        try:
-            smaller = weight_bytes(config, get_scheme("int4"), dtype).dense
-        except UsageError:  # a (test) model whose shapes int4 cannot take
-            smaller = None
-        if smaller is not None and smaller + kv + work + stream <= budget:
-            hints.append("try --quant int4")
+    hints += _smaller_scheme(budget, weights, context, *sizes)
     return message + ("; " + " or ".join(hints) if hints else f"; use a GPU with more memory, or {SEVERAL_GPUS}")
 
 
@@ -380,16 +375,45 @@ SEVERAL_GPUS = ("several GPUs with vLLM: vllm serve rhymes-ai/Aria --tokenizer-m
                 "--tensor-parallel-size 2 (see the README, Beyond one GPU)")
 
 
-def _largest_context(config, budget, scheme, dtype, weights, stream, prefill_chunk, image_crops, context) -> int:
+def _minimum_bytes(scheme, context, config, dtype, quantized, prefill_chunk, image_crops, streams) -> int:
+    """The least a device holds at `scheme` and `context`: dense weights, KV cache, workspace and the
+    expert copy buffers, with no expert slot (what plan_placement refuses below)."""
+    weights = weight_bytes(config, scheme, dtype, quantized)
+    kv = KVCache.bytes_needed(config.text, context, dtype)
+    work = workspace_bytes(config, context, dtype, prefill_chunk, image_crops) + weights.dequant_scratch
+    slot = _round_up(weights.expert, SLOT_ALIGN) + SLOT_ALIGN * MAX_PAYLOAD_TENSORS
+    return weights.dense + kv + work + streams * slot
+
+
+def _largest_context(budget, scheme, context, *sizes) -> int:
     """Largest multiple of 1024 tokens (below `context`) that fits with no expert slots, or 0."""
     best, n = 0, 1024
-    while n < context:
-        kv = KVCache.bytes_needed(config.text, n, dtype)
-        work = workspace_bytes(config, n, dtype, prefill_chunk, image_crops) + weights.dequant_scratch
-        if weights.dense + kv + work + stream > budget:
-            break
+    while n < context and _minimum_bytes(scheme, n, *sizes) <= budget:
         best, n = n, n + 1024
     return best
+
+
+def _smaller_scheme(budget, weights, context, config, *rest) -> list[str]:
+    """"try --quant X" for the most precise smaller scheme that fits (with "--max-context N" where
+    only a shorter context does); none for a checkpoint already quantized (its scheme is fixed)."""
+    if config.quantization is not None:
+        return []
+    sizes = (config, *rest)
+    smaller = []
+    for name in ("int8", "int4"):
+        try:
+            if weight_bytes(config, get_scheme(name), *rest[:2]).dense < weights.dense:
+                smaller.append(name)
+        except UsageError:  # a (test) model whose shapes the scheme cannot take
+            pass
+    for name in smaller:
+        if _minimum_bytes(get_scheme(name), context, *sizes) <= budget:
+            return [f"try --quant {name}"]
+    for name in smaller:
+        fits = _largest_context(budget, get_scheme(name), context, *sizes)
+        if fits:
+            return [f"try --quant {name} --max-context {fits}"]
+    return []
 
 
 def card_plans(

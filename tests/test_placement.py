@@ -1,6 +1,7 @@
 """The planner: exact byte counts against hand arithmetic from ARIA_SPEC §1.5 and against really
 quantized tensors, budgets respected and used, clear errors, and the bandwidth bound by hand."""
 
+import dataclasses
 import json
 
 import pytest
@@ -186,6 +187,52 @@ def test_a_budget_no_scheme_fits_points_to_several_gpus(aria):
     message = str(info.value)
     assert "\n" not in message and message.endswith("use a GPU with more memory, or " + SEVERAL_GPUS)
     assert "vllm serve rhymes-ai/Aria" in SEVERAL_GPUS
+
+
+def fits(config, budget, scheme, **options) -> bool:
+    try:
+        plan_placement(config, budget, scheme=scheme, **options)
+    except PlacementError:
+        return False
+    return True
+
+
+def least_budget(config, scheme) -> int:
+    """The least budget (to 1 MiB) that holds `config` at `scheme`, found by the planner itself."""
+    low, high = 1, 64 * 1024
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if fits(config, mid * 2**20, scheme) else (mid + 1, high)
+    return low * 2**20
+
+
+def test_a_smaller_scheme_is_suggested_exactly_where_it_fits(aria):
+    least = least_budget(aria, "int4")
+    assert not fits(aria, least, "bf16") and not fits(aria, least, "int8")
+    with pytest.raises(PlacementError, match="try --quant int4$"):
+        plan_placement(aria, least, scheme="bf16")
+    with pytest.raises(PlacementError) as below:
+        plan_placement(aria, least - 2**20, scheme="bf16")
+    assert "try --quant int4" not in str(below.value) or "try --quant int4 --max-context" in str(below.value)
+
+
+def test_only_a_shorter_context_at_a_smaller_scheme_is_named_with_both(aria):
+    with pytest.raises(PlacementError) as info:
+        plan_placement(aria, 5 * GIB, scheme="bf16")
+    scheme, context = str(info.value).split("try --quant ")[1].split(" --max-context ")
+    assert fits(aria, 5 * GIB, scheme, context=int(context))
+    assert not fits(aria, 5 * GIB, scheme, context=int(context) + 1024)
+
+
+def test_a_quantized_checkpoint_is_never_told_to_change_its_scheme(aria):
+    stored = dataclasses.replace(aria, quantization={"scheme": "int8"})
+    budget = least_budget(stored, "int8") - 2**20  # int8, the checkpoint's own scheme, just does not fit...
+    assert fits(aria, budget, "int4")  # ...where int4 would
+    with pytest.raises(PlacementError) as info:
+        plan_placement(stored, budget, scheme="int8")
+    assert "--quant" not in str(info.value)
+    with pytest.raises(PlacementError, match="try --quant int4$"):  # a bf16 checkpoint is told
+        plan_placement(aria, budget, scheme="int8")
 
 
 def test_expert_slots_that_do_not_fit_name_the_most_that_do(aria):
