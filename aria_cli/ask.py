@@ -23,7 +23,7 @@ from runtime.image_sources import STDIN_NAME, load_image
 from . import console
 from .assistant_loader import generation_options, open_assistant
 from .options import RunOptions, with_options
-from .render import answer_output, collect_reply, reply_json, stats_rows, stream_reply
+from .render import answer_output, collect_reply, counted, reply_json, stats_rows, stream_reply
 from .settings import utf8_text
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".avif")
@@ -94,6 +94,12 @@ def ask(
         typer.Option("-i", "--image", metavar="PATH|URL|-", show_default=False,
                      help="A picture to ask about (repeatable); shown after the positional ones."),
     ] = None,
+    server: Annotated[
+        str | None,
+        typer.Option("--server", metavar="URL", show_default=False, rich_help_panel="Runtime",
+                     help="Ask a running `aria serve` at URL (e.g. http://127.0.0.1:8000) instead of loading the "
+                          "model here; ARIA_API_KEY is sent as its key."),
+    ] = None,
     *,
     opts: RunOptions,
 ) -> None:
@@ -109,9 +115,28 @@ def ask(
     if STDIN_NAME in question.sources and sys.stdin is not None and sys.stdin.isatty():
         raise UsageError("`-` reads a picture from standard input, but nothing is piped in; "
                          "e.g. cat photo.jpg | aria ask - \"what is this?\"")
+    if server is not None:
+        ask_server(server, question, opts)
+        return
     pictures = [load_image(source, offline=opts.offline) for source in question.sources]
     assistant = open_assistant(opts)
     run_question(assistant, question.prompt, pictures, question.sources, opts)
+
+
+def ask_server(server: str, question: Question, opts: RunOptions) -> None:
+    """The question answered by `aria serve` at `server`; Ctrl-C keeps what was written and exits 130."""
+    if opts.json:
+        raise UsageError("--json needs the answer's tokens and timings, which only a local model gives; with "
+                         "--server, ask its API for JSON (see the README, Serve)")
+    from .remote_ask import picture_url, remote_reply, request_body
+
+    pictures = [picture_url(source, opts.offline) for source in question.sources]
+    reply = remote_reply(server, request_body(opts, question.prompt, pictures))
+    interrupted = stream_reply(reply, answer_output(console.stdout_is_terminal() and not opts.quiet))
+    console.detail(f"{server}: {counted(reply.stats.prompt_tokens, 'prompt token')}, "
+                   f"{counted(reply.stats.completion_tokens, 'token')} ({reply.finish_reason})")
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def run_question(assistant, prompt: str, pictures: list[Image.Image], sources: tuple[str, ...],

@@ -371,3 +371,24 @@ def test_a_taken_port_and_bad_flags_are_one_line_before_any_model_loads(tmp_path
                        (["--json"], "--json is for `aria ask`")]:
         result = CliRunner().invoke(app, ["serve", "-m", "demo", *args])
         assert result.exit_code == 2 and line in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_aria_ask_server_answers_as_a_local_ask(demo_server, asked, tmp_path, monkeypatch):
+    from user_env import isolate_user_env
+
+    isolate_user_env(monkeypatch, tmp_path)
+    local = asked(RED)["text"]
+    by_path = CliRunner().invoke(app, ["ask", "--server", demo_server.base_url, str(RED), QUESTION])
+    assert by_path.exit_code == 0 and by_path.stdout == local + "\n"
+    by_stdin = CliRunner().invoke(app, ["ask", "--server", f"127.0.0.1:{demo_server.port}", "-", QUESTION],
+                                  input=RED.read_bytes())
+    assert by_stdin.exit_code == 0 and by_stdin.stdout == local + "\n"
+    other = CliRunner().invoke(app, ["ask", "--server", demo_server.base_url, "-m", "other", QUESTION])
+    assert other.exit_code == 1 and other.stderr.strip().endswith("not 'other'")
+    for args, code, line in [
+        (["--server", "http://127.0.0.1:1", QUESTION], 1, "cannot reach aria serve at http://127.0.0.1:1"),
+        (["--server", demo_server.base_url, "--json", QUESTION], 2, "--json needs the answer's tokens"),
+        (["--server", demo_server.base_url, str(tmp_path / "none.png"), QUESTION], 1, "does not exist"),
+    ]:
+        result = CliRunner().invoke(app, ["ask", *args])
+        assert result.exit_code == code and line in result.stderr and result.stderr.count("\n") == 1
