@@ -49,7 +49,10 @@ def home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def demo_server(home):
-    server = start_server("-m", "demo", "--online", env=server_env(home))  # online: pictures by URL
+    # glibc raises its mmap threshold after the first large free and then keeps freed picture
+    # buffers in the heap: a fixed threshold returns them, so the memory test measures leaks.
+    env = server_env(home, MALLOC_MMAP_THRESHOLD_=str(2**20))
+    server = start_server("-m", "demo", "--online", env=env)  # online: pictures by URL
     yield server
     assert server.stop(signal.SIGINT) == 0, server.log_text()
     assert server.log[-1] == "stopped" and "Traceback" not in server.log_text()
@@ -160,7 +163,7 @@ def test_eight_concurrent_streaming_clients_are_all_answered_in_full_without_mem
     # A picture's pixels alone are ~11 MB at the demo's crop size: the 8 picture requests that
     # each kept theirs would grow the server by ~90 MB.
     print(f"server memory grew by {grown / 2**20:.1f} MiB over 32 requests")
-    assert grown < 24 * 2**20, f"the server grew by {grown / 2**20:.1f} MiB over 32 requests"
+    assert grown < 16 * 2**20, f"the server grew by {grown / 2**20:.1f} MiB over 32 requests"
 
 
 def test_pictures_by_http_url_and_inside_the_text(demo_server, asked):

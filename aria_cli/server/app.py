@@ -35,6 +35,7 @@ from runtime.image_sources import DEFAULT_MAX_BYTES, load_image
 from .. import console
 from ..assistant_loader import generation_options
 from ..options import ServeOptions
+from ..settings import format_size
 from .chat_request import ChatRequest, RequestError, parse_chat_request
 from .completions import DONE, Completion, error_body, finish_reason, sse, usage
 from .model_worker import Job, ModelWorker
@@ -177,7 +178,7 @@ async def _chat_completions(state: ServerState, request: Request) -> Response:
     chat = parse_chat_request(body)
     _check_model(state, chat.model)
     if not worker.admit():
-        raise RequestError(f"the server is busy ({worker.max_waiting} requests already wait); retry later",
+        raise RequestError(f"the server is busy and its wait queue ({worker.max_waiting}) is full; retry later",
                            status=429, kind="rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
     try:
@@ -194,7 +195,7 @@ async def _chat_completions(state: ServerState, request: Request) -> Response:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    too_large = RequestError(f"the request body is over {limit // 2**20} MiB; send smaller pictures", status=413,
+    too_large = RequestError(f"the request body is over {format_size(limit)}; send smaller pictures", status=413,
                              code="request_too_large")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:

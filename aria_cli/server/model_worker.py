@@ -56,6 +56,7 @@ class ModelWorker:
         self._admitted = 0  # running + waiting; touched on the event loop only
         self._lock = threading.Lock()  # the running job, between the model thread and stop()
         self._running: Job | None = None
+        self._thread: threading.Thread | None = None  # the model thread, once it has started
 
     # On the event loop -----------------------------------------------------------------------
 
@@ -85,6 +86,7 @@ class ModelWorker:
         """Open the model on the model thread (the one that will run it)."""
 
         def run() -> None:
+            self._thread = threading.current_thread()
             self.assistant = open_model()
 
         return self._executor.submit(run)
@@ -100,10 +102,10 @@ class ModelWorker:
         """Let the model thread end; False when it is still busy after `timeout` seconds (a
         model still loading, a long prefill)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
-        threads = list(getattr(self._executor, "_threads", ()))
-        for thread in threads:
-            thread.join(timeout)
-        return not any(thread.is_alive() for thread in threads)
+        if self._thread is None:  # it never started
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     # On the model thread ---------------------------------------------------------------------
 
