@@ -294,12 +294,10 @@ def plan_placement(
     _check_flags(t, budget, context, n_cpu_moe, expert_slots, miss_policy)
     scheme = resolve_scheme(scheme)
     label = scheme_label(scheme, dtype)
-    weights = weight_bytes(config, scheme, dtype, quantized)
-    kv = KVCache.bytes_needed(t, context, dtype)
-    work = workspace_bytes(config, context, dtype, prefill_chunk, image_crops) + weights.dequant_scratch
-    slot = _round_up(weights.expert, SLOT_ALIGN) + SLOT_ALIGN * MAX_PAYLOAD_TENSORS
     n_host = n_layers if cpu_moe else n_cpu_moe
     n_gpu = n_layers - n_host
+    footprint = _Footprint(config, dtype, quantized, prefill_chunk, image_crops, STREAM_BUFFERS if n_gpu else 0)
+    weights, kv, work, slot = footprint.parts(scheme, context)
     fixed = weights.dense + kv + work
 
     def make(where_slots: list[tuple[str, int]], stream: int, graphs: int = 0) -> Plan:
@@ -314,12 +312,10 @@ def plan_placement(
         # still far better than offloading experts that fit.
         graphs = graph_pool_bytes(t, weights) if compiled and not n_host else 0
         return make([(DEVICE, n_experts)] * n_gpu, 0, graphs if fixed + graphs + all_resident <= budget else 0)
-    stream = STREAM_BUFFERS if n_gpu else 0
+    stream = footprint.streams
     room = budget - fixed - stream * slot
     if room < 0:
-        raise PlacementError(_too_small_message(config, budget, context, scheme, dtype, label, weights, kv, work,
-                                                stream, stream * slot, n_gpu, cpu_moe, prefill_chunk, image_crops,
-                                                quantized))
+        raise PlacementError(_too_small_message(footprint, budget, context, scheme, label, n_gpu, cpu_moe))
     if expert_slots is not None:
         need = expert_slots * slot * n_gpu
         if need > room:
@@ -350,21 +346,77 @@ def _check_flags(t: TextConfig, budget: int, context: int, n_cpu_moe: int, exper
         raise UsageError(f"the miss policy must be one of {', '.join(MISS_POLICIES)}, got {miss_policy!r}")
 
 
-def _too_small_message(config, budget, context, scheme, dtype, label, weights, kv, work, streams, stream, n_gpu,
-                       cpu_moe, prefill_chunk, image_crops, quantized) -> str:
+@dataclass(frozen=True)
+class _Footprint:
+    """What the device bytes depend on besides the scheme and the context, so that the plan and a
+    refusal's hints (another context, another scheme) count them one way."""
+
+    config: AriaConfig
+    dtype: torch.dtype
+    quantized: tuple[str, ...]
+    prefill_chunk: int
+    image_crops: int
+    streams: int  # expert copy buffers (none when every layer's experts are on the host)
+
+    def parts(self, scheme: Scheme | None, context: int) -> tuple[WeightBytes, int, int, int]:
+        """(weights, KV cache bytes, workspace bytes, bytes of one expert slot)."""
+        weights = weight_bytes(self.config, scheme, self.dtype, self.quantized)
+        kv = KVCache.bytes_needed(self.config.text, context, self.dtype)
+        work = workspace_bytes(self.config, context, self.dtype, self.prefill_chunk, self.image_crops)
+        slot = _round_up(weights.expert, SLOT_ALIGN) + SLOT_ALIGN * MAX_PAYLOAD_TENSORS
+        return weights, kv, work + weights.dequant_scratch, slot
+
+    def minimum(self, scheme: Scheme | None, context: int) -> int:
+        """The least the device holds: dense weights, KV cache, workspace, copy buffers, no slot."""
+        weights, kv, work, slot = self.parts(scheme, context)
+        return weights.dense + kv + work + self.streams * slot
+
+    def largest_context(self, budget: int, scheme: Scheme | None, context: int) -> int:
+        """Largest multiple of 1024 tokens (below `context`) that fits with no expert slots, or 0."""
+        best, n = 0, 1024
+        while n < context and self.minimum(scheme, n) <= budget:
+            best, n = n, n + 1024
+        return best
+
+    def smaller_scheme(self, budget: int, scheme: Scheme | None, context: int) -> list[str]:
+        """"try --quant X" for the most precise smaller scheme that fits (with "--max-context N"
+        where only a shorter context does); none for a checkpoint already quantized (its scheme
+        is fixed)."""
+        if self.config.quantization is not None:
+            return []
+        dense = self.parts(scheme, context)[0].dense
+        smaller = []
+        for name in ("int8", "int4"):
+            try:
+                if self.parts(get_scheme(name), context)[0].dense < dense:
+                    smaller.append(get_scheme(name))
+            except UsageError:  # a (test) model whose shapes the scheme cannot take
+                pass
+        for candidate in smaller:
+            if self.minimum(candidate, context) <= budget:
+                return [f"try --quant {candidate.name}"]
+        for candidate in smaller:
+            fits = self.largest_context(budget, candidate, context)
+            if fits:
+                return [f"try --quant {candidate.name} --max-context {fits}"]
+        return []
+
+
+def _too_small_message(footprint: _Footprint, budget: int, context: int, scheme: Scheme | None, label: str,
+                       n_gpu: int, cpu_moe: bool) -> str:
     """One line: what the minimum is made of, and the nearest thing that would fit."""
-    need = weights.dense + kv + work + stream
+    weights, kv, work, _ = footprint.parts(scheme, context)
+    need = footprint.minimum(scheme, context)
     message = (f"Aria needs at least {human_size(need)} of GPU memory at {label} with {context} tokens of context "
                f"(weights {human_size(weights.dense)}, KV cache {human_size(kv)}, workspace {human_size(work)}) but the budget is "
                f"{human_size(budget)}")
-    sizes = (config, dtype, quantized, prefill_chunk, image_crops, streams)
     hints = []
-    if n_gpu and not cpu_moe and need - stream <= budget:
+    if n_gpu and not cpu_moe and weights.dense + kv + work <= budget:
         hints.append("try --cpu-moe")
-    fits = _largest_context(budget, scheme, context, *sizes)
+    fits = footprint.largest_context(budget, scheme, context)
     if fits:
         hints.append(f"try --max-context {fits}")
-    hints += _smaller_scheme(budget, weights, context, *sizes)
+    hints += footprint.smaller_scheme(budget, scheme, context)
     return message + ("; " + " or ".join(hints) if hints else f"; use a GPU with more memory, or {SEVERAL_GPUS}")
 
 
@@ -373,47 +425,6 @@ def _too_small_message(config, budget, context, scheme, dtype, label, weights, k
 # that talk to `aria serve` talk to it).
 SEVERAL_GPUS = ("several GPUs with vLLM: vllm serve rhymes-ai/Aria --tokenizer-mode slow --trust-remote-code "
                 "--tensor-parallel-size 2 (see the README, Beyond one GPU)")
-
-
-def _minimum_bytes(scheme, context, config, dtype, quantized, prefill_chunk, image_crops, streams) -> int:
-    """The least a device holds at `scheme` and `context`: dense weights, KV cache, workspace and the
-    expert copy buffers, with no expert slot (what plan_placement refuses below)."""
-    weights = weight_bytes(config, scheme, dtype, quantized)
-    kv = KVCache.bytes_needed(config.text, context, dtype)
-    work = workspace_bytes(config, context, dtype, prefill_chunk, image_crops) + weights.dequant_scratch
-    slot = _round_up(weights.expert, SLOT_ALIGN) + SLOT_ALIGN * MAX_PAYLOAD_TENSORS
-    return weights.dense + kv + work + streams * slot
-
-
-def _largest_context(budget, scheme, context, *sizes) -> int:
-    """Largest multiple of 1024 tokens (below `context`) that fits with no expert slots, or 0."""
-    best, n = 0, 1024
-    while n < context and _minimum_bytes(scheme, n, *sizes) <= budget:
-        best, n = n, n + 1024
-    return best
-
-
-def _smaller_scheme(budget, weights, context, config, *rest) -> list[str]:
-    """"try --quant X" for the most precise smaller scheme that fits (with "--max-context N" where
-    only a shorter context does); none for a checkpoint already quantized (its scheme is fixed)."""
-    if config.quantization is not None:
-        return []
-    sizes = (config, *rest)
-    smaller = []
-    for name in ("int8", "int4"):
-        try:
-            if weight_bytes(config, get_scheme(name), *rest[:2]).dense < weights.dense:
-                smaller.append(name)
-        except UsageError:  # a (test) model whose shapes the scheme cannot take
-            pass
-    for name in smaller:
-        if _minimum_bytes(get_scheme(name), context, *sizes) <= budget:
-            return [f"try --quant {name}"]
-    for name in smaller:
-        fits = _largest_context(budget, get_scheme(name), context, *sizes)
-        if fits:
-            return [f"try --quant {name} --max-context {fits}"]
-    return []
 
 
 def card_plans(
