@@ -73,24 +73,33 @@ def _guarded(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Re
     async def guarded(request: Request) -> Response:
         try:
             return await endpoint(request)
-        except RequestError as exc:
-            return _error_response(exc)
-        except AriaError as exc:  # a setting the runtime refuses
-            return _error_response(RequestError(str(exc)))
         except ClientDisconnect:
             return Response(status_code=400)  # nobody is left to read it
-        except Exception as exc:  # noqa: BLE001
-            console.error(f"unexpected {type(exc).__name__} answering {request.url.path}: {exc} "
-                          "(this is a bug in aria)")
-            return _error_response(RequestError("the server failed to answer (a bug in aria; see its log)",
-                                                status=500, kind="server_error"))
+        except Exception as exc:  # noqa: BLE001 - see _as_request_error
+            return _error_response(_as_request_error(exc, f"answering {request.url.path}"))
 
     return guarded
 
 
+def _as_request_error(exc: BaseException | None, doing: str) -> RequestError:
+    """What a client is told of a failure: its own RequestError; a prompt too long for the context
+    or a setting the runtime refuses (400); anything else is a bug, logged in one line (500)."""
+    if isinstance(exc, RequestError):
+        return exc
+    if isinstance(exc, InputError):  # the prompt does not fit the context, or a picture does not
+        return RequestError(str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, AriaError):
+        return RequestError(str(exc))
+    console.error(f"unexpected {type(exc).__name__} {doing}: {exc} (this is a bug in aria)")
+    return RequestError("the server failed to answer (a bug in aria; see its log)", status=500, kind="server_error")
+
+
+def _error_object(exc: RequestError) -> dict[str, Any]:
+    return error_body(str(exc), exc.kind, exc.param, exc.code)
+
+
 def _error_response(exc: RequestError) -> JSONResponse:
-    return JSONResponse(error_body(str(exc), exc.kind, exc.param, exc.code), status_code=exc.status,
-                        headers=exc.headers)
+    return JSONResponse(_error_object(exc), status_code=exc.status, headers=exc.headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -262,11 +271,11 @@ class _Answer(Response):
                 return
             kind, value = event
             if kind == "error":
-                await self._send_json(send, *_failure(value))
+                await _failure(value)(scope, receive, send)
             elif self.chat.stream:
                 await self._stream(send, gone)
             else:
-                await self._whole(send, gone)
+                await self._whole(scope, receive, send, gone)
             delivered = True
         finally:
             gone.cancel()
@@ -287,14 +296,14 @@ class _Answer(Response):
         self.job.stop("the client went away")
         return None
 
-    async def _whole(self, send: Send, gone: asyncio.Future) -> None:
+    async def _whole(self, scope: Scope, receive: Receive, send: Send, gone: asyncio.Future) -> None:
         while (event := await self._next(gone)) is not None:
             kind, value = event
             if kind == "done":
-                await self._send_json(send, 200, self.completion.whole(value))
+                await JSONResponse(self.completion.whole(value))(scope, receive, send)
                 return
             if kind == "error":
-                await self._send_json(send, *_failure(value))
+                await _failure(value)(scope, receive, send)
                 return
 
     async def _stream(self, send: Send, gone: asyncio.Future) -> None:
@@ -310,7 +319,7 @@ class _Answer(Response):
                 await self._finish(send, value)
                 return
             elif kind == "error":  # after the answer started: OpenAI's way is an error event
-                await self._event(send, _failure(value)[1])
+                await self._event(send, _error_object(_as_request_error(value, "while answering")))
                 await send({"type": "http.response.body", "body": DONE, "more_body": False})
                 return
 
@@ -327,25 +336,10 @@ class _Answer(Response):
     async def _event(send: Send, obj: dict[str, Any]) -> None:
         await send({"type": "http.response.body", "body": sse(obj), "more_body": True})
 
-    @staticmethod
-    async def _send_json(send: Send, status: int, obj: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        body = json.dumps(obj, ensure_ascii=False).encode()
-        raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-        await send({"type": "http.response.start", "status": status, "headers": raw})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
 
-
-def _failure(exc: BaseException | None) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """Status, error object and headers for what ended a job before its answer."""
-    if isinstance(exc, RequestError):
-        return exc.status, error_body(str(exc), exc.kind, exc.param, exc.code), exc.headers
-    if isinstance(exc, InputError):  # the prompt does not fit the context, or a picture does not
-        return 400, error_body(str(exc), param="messages", code="context_length_exceeded"), {}
-    if isinstance(exc, AriaError):
-        return 400, error_body(str(exc)), {}
-    console.error(f"unexpected {type(exc).__name__} while answering: {exc} (this is a bug in aria)")
-    return 500, error_body("the server failed to answer (a bug in aria; see its log)", "server_error"), {}
+def _failure(exc: BaseException | None) -> JSONResponse:
+    """The response for what ended a job before its answer."""
+    return _error_response(_as_request_error(exc, "while answering"))
 
 
 async def _until_disconnect(receive: Receive) -> None:
