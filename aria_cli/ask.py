@@ -132,7 +132,7 @@ def ask_server(server: str, question: Question, opts: RunOptions) -> None:
 
     pictures = [picture_url(source, opts.offline) for source in question.sources]
     reply = remote_reply(server, request_body(opts, question.prompt, pictures))
-    interrupted = stream_reply(reply, answer_output(console.stdout_is_terminal() and not opts.quiet))
+    interrupted = stream_reply(reply, answer_output(opts.quiet))
     console.detail(f"{server}: {counted(reply.stats.prompt_tokens, 'prompt token')}, "
                    f"{counted(reply.stats.completion_tokens, 'token')} ({reply.finish_reason})")
     if interrupted:
@@ -151,8 +151,7 @@ def run_question(assistant, prompt: str, pictures: list[Image.Image], sources: t
         interrupted = collect_reply(reply)
         console.emit_json({**reply_json(reply, opts.model), **(extra_json or {})})
     else:
-        rich = console.stdout_is_terminal() and not opts.quiet
-        interrupted = stream_reply(reply, answer_output(rich))
+        interrupted = stream_reply(reply, answer_output(opts.quiet))
     for name, value in stats_rows(reply, assistant.offload):
         console.detail(f"{name}: {value}")
     if interrupted:

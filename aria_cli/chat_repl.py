@@ -105,8 +105,7 @@ class Chat:
         answered = False
         try:
             reply = self.assistant.reply(self.conversation, generation_options(self.opts))
-            rich = console.stdout_is_terminal() and not self.opts.quiet
-            interrupted = stream_reply(reply, answer_output(rich))
+            interrupted = stream_reply(reply, answer_output(self.opts.quiet))
             self.conversation.add("assistant", reply.text, interrupted=interrupted)
             answered = True
         finally:

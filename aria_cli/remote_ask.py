@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from runtime.assistant import Reply
 from runtime.errors import AriaError, UsageError
-from runtime.image_sources import STDIN_NAME, load_image, read_stdin
+from runtime.image_sources import decode_image, image_bytes
 
 from .options import RunOptions
 from .settings import SETTINGS
@@ -31,11 +31,8 @@ def picture_url(source: str, offline: bool) -> str:
     of the file's own bytes (checked here first, so a bad path fails before anything is sent)."""
     if source.lower().startswith(("http://", "https://", "data:")):
         return source
-    data = read_stdin() if source == STDIN_NAME else None
-    load_image(data if data is not None else source, offline=offline)  # the same checks as a local ask
-    if data is None:
-        with open(source, "rb") as file:
-            data = file.read()
+    data, name = image_bytes(source, offline=offline)
+    decode_image(data, name)  # the same checks as a local ask
     return "data:application/octet-stream;base64," + base64.b64encode(data).decode()
 
 

@@ -125,8 +125,9 @@ class MarkdownOutput:
         self.live.stop()  # draws the open block in full
 
 
-def answer_output(rich: bool) -> AnswerOutput:
-    return MarkdownOutput() if rich else PlainOutput()
+def answer_output(quiet: bool) -> AnswerOutput:
+    """Rendered Markdown on a terminal; the plain text in a pipe or with --quiet."""
+    return MarkdownOutput() if console.stdout_is_terminal() and not quiet else PlainOutput()
 
 
 def stream_reply(reply: Reply, output: AnswerOutput) -> bool:

@@ -51,33 +51,43 @@ def load_image(
 
     `offline` refuses URLs (HF_HUB_OFFLINE / --offline means no network call at all).
     """
+    return decode_image(*image_bytes(source, offline=offline, timeout=timeout, max_bytes=max_bytes))
+
+
+def image_bytes(
+    source: str | Path | bytes,
+    *,
+    offline: bool = False,
+    timeout: float = DEFAULT_TIMEOUT,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> tuple[bytes, str]:
+    """The file bytes of a picture from any source `load_image` takes, and the name errors give it."""
     if isinstance(source, (bytes, bytearray)):
-        return decode_image(bytes(source), "<bytes>")
+        return bytes(source), "<bytes>"
     text = str(source)
     if text == STDIN_NAME:
-        return decode_image(read_stdin(max_bytes=max_bytes), "<stdin>")
+        return read_stdin(max_bytes=max_bytes), "<stdin>"
     if text[:5].lower() == "data:":
-        return decode_image(data_url_bytes(text, max_bytes=max_bytes), "<data: URL>")
+        return data_url_bytes(text, max_bytes=max_bytes), "<data: URL>"
     if text.lower().startswith(("http://", "https://")):
         if offline:
             raise ImageError(f"cannot fetch {text}: offline mode allows no downloads; save the image and pass its path")
-        return decode_image(fetch_url(text, timeout=timeout, max_bytes=max_bytes), text)
+        return fetch_url(text, timeout=timeout, max_bytes=max_bytes), text
     if "://" in text:
         raise ImageError(f"cannot open {text}: only http:// and https:// URLs are supported")
-    return open_image_file(Path(text))
+    return read_image_file(Path(text)), text
 
 
-def open_image_file(path: Path) -> Image.Image:
+def read_image_file(path: Path) -> bytes:
     name = str(path)
     if not path.exists():
         raise ImageError(f"image {name} does not exist; check the path")
     if path.is_dir():
         raise ImageError(f"image {name} is a directory; pass an image file")
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise ImageError(f"cannot read image {name}: {exc.strerror or exc}") from None
-    return decode_image(data, name)
 
 
 def read_stdin(stream: BinaryIO | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
