@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import os
 import re
 import signal
 import subprocess
@@ -21,16 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from user_env import isolated_env
+
 _LISTENING = re.compile(r"at http://\S+:(\d+)/v1")
 
 
 def server_env(home: Path, **extra: str) -> dict[str, str]:
-    """The test process's environment without the user's aria settings, Hub offline, one thread
-    (the tests run beside the server on a small machine)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ARIA_")}
-    env.update(HF_HOME=str(home / "hf"), XDG_CONFIG_HOME=str(home / "cfg"), XDG_DATA_HOME=str(home / "data"),
-               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **extra)
-    return env
+    """The test process's environment without the user's settings, Hub offline, one thread (the
+    tests run beside the server on a small machine)."""
+    return isolated_env(home, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **extra)
 
 
 @dataclass
