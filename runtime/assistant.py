@@ -9,7 +9,6 @@ the timings the CLI prints with --verbose / --json.
 
 from __future__ import annotations
 
-import hashlib
 import resource
 import sys
 import time
@@ -211,7 +210,8 @@ class Assistant:
         for image in images:
             known = self._pictures.get(id(image))
             if known is None:
-                known = (image, picture_key(image), preprocess_images([image], self.crop_size, self.split_image))
+                processed = preprocess_images([image], self.crop_size, self.split_image)
+                known = (image, processed.key(), processed)
             pictures[id(image)] = known
         self._pictures = pictures
         self._forget_changed_pictures([pictures[id(image)][1] for image in images])
@@ -339,13 +339,6 @@ class Cancel(Protocol):
     """What `Assistant.reply` polls to stop early: a threading.Event fits."""
 
     def is_set(self) -> bool: ...
-
-
-def picture_key(image: Image.Image) -> bytes:
-    """A digest of what the model sees of a picture: its mode, size and pixels."""
-    digest = hashlib.blake2b(f"{image.mode} {image.size}".encode(), digest_size=16)
-    digest.update(image.tobytes())
-    return digest.digest()
 
 
 def _expert_counts(before: PhaseStats, after: PhaseStats) -> dict[str, float]:

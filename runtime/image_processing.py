@@ -14,6 +14,7 @@ turned a 16-bit PNG into a white sheet.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,6 +46,15 @@ class ProcessedImages:
     @property
     def num_crops(self) -> int:
         return int(self.pixel_values.shape[0])
+
+    def key(self) -> bytes:
+        """A digest of exactly what the model sees: the crops' pixels and masks. (Hashing these
+        costs ~10 ms a crop whatever the photo's size; the decoded picture's own bytes, through
+        Pillow's tobytes, took 120 ms for 12 megapixels.)"""
+        digest = hashlib.sha256(str((self.crop_size, self.crops_per_image)).encode())
+        digest.update(self.pixel_values.contiguous().numpy().data)
+        digest.update(self.pixel_mask.contiguous().numpy().data)
+        return digest.digest()
 
     def image_token_counts(self, tokens_per_crop: int) -> list[int]:
         """`<|img|>` tokens each picture needs (crops x tokens per crop, per picture)."""
